@@ -1,0 +1,130 @@
+"""The locality audit: proof that no gradient crosses a feedback point.
+
+One forward pass on a batch, then one backward per source (each point, and the tap's own error
+`e`) from the tap's output, with the hub letting only that source's signal through. A parameter
+that receives gradient from two sources has a gradient path across a point: a leak. A parameter
+shared by several modules (GPT-2 ties its input embedding to the output head) may receive one
+signal per module that holds it. Parameters above the tap (the head) are trained by true BP from
+the loss and are not part of the audit's backward.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .points import TAP, FeedbackNetwork
+from .rules import RULES
+
+
+class LocalityError(AssertionError):
+    """A gradient crossed a feedback point; the message names the leaking parameters."""
+
+
+@dataclass
+class LocalityReport:
+    """What each source reached.
+
+    Attributes:
+        receivers: source (a point name or 'error tap') -> names of the parameters it gave gradient.
+        leaks: parameter name -> the sources it received from, for parameters reached by more sources
+            than the modules that hold them.
+        idle_points: points whose own module received nothing from them.
+        unreached: parameters no source reached: the head above the tap (trained by true BP from the
+            loss, outside this backward), and frozen or cut-off ones.
+    """
+
+    receivers: dict[str, list[str]]
+    leaks: dict[str, list[str]] = field(default_factory=dict)
+    idle_points: list[str] = field(default_factory=list)
+    unreached: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.leaks and not self.idle_points
+
+    def describe(self) -> str:
+        lines = [f"{source}: {len(names)} parameters" for source, names in self.receivers.items()]
+        lines += [f"LEAK {param} receives gradient from {', '.join(sources)}" for param, sources in self.leaks.items()]
+        lines += [f"IDLE point {p}: its own module receives none of its feedback" for p in self.idle_points]
+        return "\n".join(lines)
+
+
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> every name under which the model holds it (several for tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    return holders
+
+
+def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict, raise_on_leak: bool = True) -> LocalityReport:
+    """Audit `network` installed on `model` with one batch of model inputs.
+
+    Args:
+        batch: keyword inputs of `model` (tensors on the model's device), e.g. input_ids (B, T).
+        raise_on_leak: raise `LocalityError` naming the leaking parameters (default) or only report.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    holders = _holders(model)
+    captured = []
+    head = model.get_submodule(network.placement.tap_module)
+    # The tap's output: the head's input (pre-hook) or its output (hook); registered after the
+    # network's own hooks, so it sees the hub's output.
+    if network.placement.error_point == "head_input":
+        handle = head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    else:
+        handle = head.register_forward_hook(lambda m, args, out: captured.append(out[0] if isinstance(out, tuple)
+                                                                                  else out))
+    was_training = model.training
+    model.eval()  # dropout off: the same graph for every source
+    try:
+        with torch.enable_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not captured:
+        raise RuntimeError(f"The forward pass never reached the error tap at {network.tap_name}.")
+    z = captured[-1]
+    error = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
+
+    receivers: dict[str, list[str]] = {}
+    received_from: dict[int, list[str]] = {}
+    for source in (*network.point_names, TAP):
+        network.audit_source = source
+        try:
+            grads = torch.autograd.grad(z, params, error, retain_graph=True, allow_unused=True)
+        finally:
+            network.audit_source = None
+        reached = [p for p, g in zip(params, grads) if g is not None and bool(g.ne(0).any())]
+        receivers[source] = [holders[id(p)][0] for p in reached]
+        for p in reached:
+            received_from.setdefault(id(p), []).append(source)
+
+    report = LocalityReport(receivers=receivers)
+    for p in params:
+        sources = received_from.get(id(p), [])
+        if len(sources) > len(holders[id(p)]):
+            report.leaks[holders[id(p)][0]] = sources
+        if not sources:
+            report.unreached.append(holders[id(p)][0])
+    for point in network.placement.points:
+        own = {id(p) for p in model.get_submodule(point).parameters() if p.requires_grad}
+        if own and not own.intersection(id(p) for p in params if point in received_from.get(id(p), [])):
+            report.idle_points.append(point)
+    if raise_on_leak and not report.ok:
+        raise LocalityError("Locality audit failed:\n" + report.describe())
+    return report
+
+
+def audit_locality(model: nn.Module, batch: dict, args, raise_on_leak: bool = True) -> LocalityReport:
+    """Install the feedback of `args` (a `GrapeTrainingArguments`) on `model`, audit it on `batch`,
+    and remove it again. Raises `LocalityError` naming the leaking parameters."""
+    network = RULES[args.rule](model, args)
+    if network is None:
+        raise ValueError(f"rule={args.rule!r} has no feedback points to audit; use a feedback rule such as 'dfa'.")
+    try:
+        return audit_network(model, network, batch, raise_on_leak)
+    finally:
+        network.remove()

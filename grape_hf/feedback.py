@@ -1,0 +1,84 @@
+"""The feedback matrices `B_k`: one per feedback point, created on first use, seeded per point.
+
+`B_k` has shape (point_features, error_features): it maps the error's features to the point's
+features, the leading (batch, sequence) dimensions being shared (DESIGN section 2). So the
+feedback of point k is `e @ B_k.T`, an estimate of the true `J_k^T e` with `J_k = dz/dh_k`.
+The matrices live here, never in the model, so a trained model stays a plain checkpoint.
+"""
+
+import hashlib
+import math
+
+import torch
+
+
+def point_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for the point `name`: independent of point order and of the global RNG."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def init_feedback_matrix(shape: tuple[int, int], init: str, generator: torch.Generator) -> torch.Tensor:
+    """A float32 CPU matrix of `shape` = (point_features, error_features).
+
+    'normal' and 'uniform' have variance 1/error_features, so `B e` keeps the scale of `e` per
+    feature; 'kaiming_uniform' is torch's He-uniform (variance 2/error_features).
+    """
+    fan_in = shape[1]
+    matrix = torch.empty(shape)
+    if init == "normal":
+        return matrix.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+    if init == "uniform":
+        bound = math.sqrt(3.0 / fan_in)
+        return matrix.uniform_(-bound, bound, generator=generator)
+    if init == "kaiming_uniform":
+        return torch.nn.init.kaiming_uniform_(matrix, nonlinearity="relu", generator=generator)
+    raise ValueError(f"Unknown feedback_init {init!r}; choose 'normal', 'uniform' or 'kaiming_uniform'.")
+
+
+class FeedbackMatrices:
+    """The matrices of all points, by point name.
+
+    Args:
+        init: the distribution ('normal', 'uniform', 'kaiming_uniform').
+        seed: the feedback seed; the same seed gives the same matrices on every process and run.
+    """
+
+    def __init__(self, init: str, seed: int):
+        self.init = init
+        self.seed = seed
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, point_features: int, error_features: int, device: torch.device) -> torch.Tensor:
+        """The matrix of point `name`, (point_features, error_features), created on first use.
+
+        Raises when a point's shape changes between steps (e.g. a sequence-length-dependent point
+        under a per-sequence error), which would silently need a different matrix.
+        """
+        matrix = self.tensors.get(name)
+        if matrix is None:
+            generator = torch.Generator().manual_seed(point_seed(self.seed, name))
+            matrix = init_feedback_matrix((point_features, error_features), self.init, generator)
+            self.tensors[name] = matrix = matrix.to(device)
+        elif matrix.shape != (point_features, error_features):
+            raise ValueError(
+                f"Feedback point {name!r} needs a {point_features}x{error_features} matrix but has "
+                f"{tuple(matrix.shape)}: its features or the error's changed between steps. Pad inputs to a fixed "
+                "shape, or read the error where it shares the point's leading dimensions (error_point='head_input')."
+            )
+        elif matrix.device != device:
+            self.tensors[name] = matrix = matrix.to(device)
+        return matrix
+
+    def project(self, name: str, error: torch.Tensor, point_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Feedback `B e` for point `name`.
+
+        Args:
+            error: (*lead, error_features), the error at the tap.
+            point_shape: (*lead, *point_feature_dims), the shape of the point's tensor.
+            dtype: the point's dtype (the feedback is computed in float32 and cast to it).
+        Returns:
+            (*point_shape) tensor.
+        """
+        matrix = self.tensors[name]
+        flat = error.reshape(-1, error.shape[-1]).to(matrix.dtype)
+        return (flat @ matrix.T).to(dtype).reshape(point_shape)

@@ -1,0 +1,147 @@
+"""Where the feedback points, the cuts and the error tap go in a Hugging Face model.
+
+Macro: one point per block (the residual stream after the block). Blocks are the modules whose
+class is listed in the model's own `_no_split_modules` and that sit in an `nn.ModuleList`, so
+any model that declares its block class gets macro for free.
+Micro: one point per residual branch (attention, MLP), named per block class in `MICRO_SUBLAYERS`.
+Both add a point on the embeddings (the input of the first block) unless told not to.
+Every block input is a cut: its tensor inputs are detached, so no path (a residual stream, a
+position tensor or mask shared by all blocks) carries true gradient from one segment to another.
+"""
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+EMBEDDINGS = "embeddings"  # name of the point on the first block's input
+
+# Block class -> names of its residual-branch modules (the micro setting's points).
+MICRO_SUBLAYERS = {
+    "GPT2Block": ("attn", "mlp"),
+    "LlamaDecoderLayer": ("self_attn", "mlp"),
+    "MistralDecoderLayer": ("self_attn", "mlp"),
+    "Qwen2DecoderLayer": ("self_attn", "mlp"),
+    "Qwen3DecoderLayer": ("self_attn", "mlp"),
+    "ViTLayer": ("attention", "mlp"),  # transformers >= 5.9 layout
+}
+
+# Attributes that hold a classifier head when the model has no output embeddings.
+HEAD_ATTRIBUTES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rule's feedback goes.
+
+    Attributes:
+        points: names of the modules whose output is a feedback point, in forward order.
+        embedding_block: the block whose input is the `EMBEDDINGS` point, or None for no such point.
+        cuts: names of the modules whose tensor inputs are detached (every block).
+        tap_module: name of the output head around which the error tap sits.
+        error_point: "head_input" (the tap is the head's input) or "logits" (the head's output).
+    """
+
+    points: tuple[str, ...]
+    embedding_block: str | None
+    cuts: tuple[str, ...]
+    tap_module: str
+    error_point: str
+
+    @property
+    def point_names(self) -> tuple[str, ...]:
+        """All feedback points in forward order: the embeddings point first when there is one."""
+        return ((EMBEDDINGS,) if self.embedding_block is not None else ()) + self.points
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the repeated blocks: modules of a `_no_split_modules` class inside an `nn.ModuleList`."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.ModuleList):
+            for child_name, child in parent.named_children():
+                if type(child).__name__ in block_classes:
+                    blocks.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return blocks
+
+
+def find_head(model: nn.Module, error_module: str | None = None) -> str:
+    """Name of the output head: `error_module`, else the output embeddings, else `classifier`/`score`."""
+    if error_module is not None:
+        model.get_submodule(error_module)  # raises AttributeError naming the missing module
+        return error_module
+    candidates = []
+    if hasattr(model, "get_output_embeddings"):
+        candidates.append(model.get_output_embeddings())
+    candidates += [getattr(model, name, None) for name in HEAD_ATTRIBUTES]
+    names = {id(module): name for name, module in model.named_modules()}
+    for module in candidates:
+        if isinstance(module, nn.Module) and id(module) in names:
+            return names[id(module)]
+    raise ValueError(
+        f"{type(model).__name__} has no output head (looked for its output embeddings and the attributes "
+        f"{', '.join(HEAD_ATTRIBUTES)}), so there are no logits or head input to read the error from. Use a model "
+        "with a head (e.g. GPT2LMHeadModel, ViTForImageClassification) or name the head with `error_module`."
+    )
+
+
+def default_error_point(model: nn.Module) -> str:
+    """'head_input' for models with output embeddings (causal LMs), 'logits' for classifiers."""
+    has_output_embeddings = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    return "head_input" if has_output_embeddings else "logits"
+
+
+def match_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Module names matching any of `patterns` (exact names or globs), in forward (registration) order."""
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            examples = ", ".join(names[:12])
+            raise ValueError(f"feedback_modules pattern {pattern!r} matches no module of {type(model).__name__}; "
+                             f"module names look like: {examples}, ...")
+    return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+
+
+def resolve_placement(model: nn.Module, args) -> Placement:
+    """Build the `Placement` of `args.setting` (or `args.feedback_modules`) for `model`.
+
+    Raises a `ValueError` that names the block class and shows `feedback_modules` when the model's
+    blocks or sub-layers are unknown.
+    """
+    blocks = find_blocks(model)
+    model_class = type(model).__name__
+    if args.feedback_modules:
+        points = match_modules(model, args.feedback_modules)
+    elif not blocks:
+        raise ValueError(
+            f"No blocks found in {model_class}: its _no_split_modules is "
+            f"{getattr(model, '_no_split_modules', None)!r} and no module of those classes sits in an nn.ModuleList. "
+            "Name the feedback points yourself, e.g. feedback_modules=['encoder.layers.*'] (glob patterns on "
+            "model.named_modules() names)."
+        )
+    elif args.setting == "macro":
+        points = blocks
+    else:
+        points = []
+        for block in blocks:
+            block_class = type(model.get_submodule(block)).__name__
+            if block_class not in MICRO_SUBLAYERS:
+                raise ValueError(
+                    f"The micro setting does not know the sub-layers of {block_class} (known: "
+                    f"{', '.join(sorted(MICRO_SUBLAYERS))}). Name them yourself, e.g. "
+                    f"feedback_modules=['{block}.self_attn', '{block}.mlp'] with '*' for the block index."
+                )
+            points += [f"{block}.{sub}" for sub in MICRO_SUBLAYERS[block_class]]
+
+    error_point = args.error_point or default_error_point(model)
+    tap_module = find_head(model, args.error_module)
+    if tap_module in points:
+        raise ValueError(f"The output head {tap_module!r} cannot also be a feedback point.")
+    return Placement(
+        points=tuple(points),
+        embedding_block=blocks[0] if (args.feedback_embeddings and blocks) else None,
+        cuts=tuple(blocks),
+        tap_module=tap_module,
+        error_point=error_point,
+    )

@@ -1,0 +1,170 @@
+"""The one mechanism: feedback points wired to one error hub (DESIGN section 2).
+
+- A *point* hook records a module's output for the hub and hands the rest of the network a
+  detached copy, so no gradient path runs from one segment to the next.
+- A *cut* hook detaches every tensor a block receives (the residual stream, shared position
+  tensors), so nothing bypasses the points.
+- The *error tap* is one autograd Function whose inputs are `z` (the head's input or the logits)
+  and every point's tensor. Its forward returns `z`; its backward receives `e = dL/dz` (already
+  loss-scaled and divided for gradient accumulation) and returns `e` for `z` and `B_k e` for
+  point k. So the Trainer's own `accelerator.backward(loss)` reaches every parameter, and each
+  segment gets exactly the local backward of its feedback.
+
+All hooks return at once when gradients are off (evaluation, generation).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .feedback import FeedbackMatrices
+from .placement import EMBEDDINGS, Placement
+
+TAP = "error tap"  # source name of the tap's own error in audits
+
+
+class ErrorHub(torch.autograd.Function):
+    """Forward: `z` unchanged. Backward: `e` for `z`, `B_k e` for each point tensor."""
+
+    @staticmethod
+    def forward(ctx, network: "FeedbackNetwork", names: tuple[str, ...], z: torch.Tensor, *points: torch.Tensor):
+        ctx.network = network
+        ctx.names = names
+        ctx.point_meta = [(p.shape, p.dtype) for p in points]
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, error: torch.Tensor):
+        network = ctx.network
+        only = network.audit_source  # None in training; one source name during the locality audit
+        feedback = []
+        for i, (name, (shape, dtype)) in enumerate(zip(ctx.names, ctx.point_meta)):
+            wanted = ctx.needs_input_grad[3 + i] and only in (None, name)
+            feedback.append(network.matrices.project(name, error, shape, dtype) if wanted else None)
+        return (None, None, error if only in (None, TAP) else None, *feedback)
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_output_tensor(output, tensor):
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+def _detach(value):
+    """`value` with every tensor that requires grad detached (through tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.requires_grad else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+class FeedbackNetwork:
+    """Installs a `Placement`'s points, cuts and tap on `model` and projects the error through `matrices`.
+
+    Attributes:
+        placement: where the points, cuts and tap are.
+        matrices: the feedback matrices, by point name.
+        audit_source: None in training; during the locality audit, the one source (a point name
+            or `TAP`) whose signal the hub lets through.
+    """
+
+    def __init__(self, model: nn.Module, placement: Placement, matrices: FeedbackMatrices):
+        self.placement = placement
+        self.matrices = matrices
+        self.audit_source: str | None = None
+        self._recorded: dict[str, torch.Tensor] = {}
+        self._handles = [model.register_forward_pre_hook(self._start_forward)]
+        for name in placement.cuts:
+            self._handles.append(model.get_submodule(name).register_forward_pre_hook(
+                self._make_cut(record_embeddings=name == placement.embedding_block), with_kwargs=True))
+        for name in placement.points:
+            self._handles.append(model.get_submodule(name).register_forward_hook(self._make_point(name)))
+        head = model.get_submodule(placement.tap_module)
+        if placement.error_point == "head_input":
+            self._handles.append(head.register_forward_pre_hook(self._tap_input))
+        else:
+            self._handles.append(head.register_forward_hook(self._tap_output))
+
+    @property
+    def point_names(self) -> tuple[str, ...]:
+        """Feedback points in forward order."""
+        return self.placement.point_names
+
+    @property
+    def tap_name(self) -> str:
+        """Where the error is read, e.g. 'lm_head:input' or 'classifier:output'."""
+        side = "input" if self.placement.error_point == "head_input" else "output"
+        return f"{self.placement.tap_module}:{side}"
+
+    def remove(self) -> None:
+        """Remove every hook: the model computes exactly as before `FeedbackNetwork` was built."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._recorded.clear()
+
+    # Hooks -----------------------------------------------------------------------------------
+    def _start_forward(self, module, args):
+        self._recorded.clear()  # a forward that stopped early must not leak tensors into the next
+
+    def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Keep `tensor` for the hub; give the network a copy with no gradient path."""
+        if name in self._recorded:
+            raise RuntimeError(f"Feedback point {name!r} ran twice in one forward pass; a point must be a module "
+                               "that runs once per forward (shared or recomputed modules cannot be points).")
+        if tensor.requires_grad:
+            self._recorded[name] = tensor
+        return tensor.detach()
+
+    def _make_cut(self, record_embeddings: bool):
+        def cut(module, args, kwargs):
+            if not torch.is_grad_enabled():
+                return None
+            if record_embeddings:
+                if args:
+                    args = (self._record(EMBEDDINGS, args[0]), *args[1:])
+                else:
+                    kwargs["hidden_states"] = self._record(EMBEDDINGS, kwargs["hidden_states"])
+            return _detach(args), _detach(kwargs)
+        return cut
+
+    def _make_point(self, name: str):
+        def point(module, args, output):
+            if not torch.is_grad_enabled():
+                return None
+            return _replace_output_tensor(output, self._record(name, _output_tensor(output)))
+        return point
+
+    def _tap(self, z: torch.Tensor) -> torch.Tensor:
+        """Route `z` and every recorded point through the hub; create missing matrices."""
+        if not self._recorded:
+            return z
+        names = tuple(self._recorded)
+        points = [self._recorded[n] for n in names]
+        self._recorded.clear()
+        lead = z.shape[:-1]
+        for name, point in zip(names, points):
+            if point.shape[: len(lead)] != lead:
+                raise ValueError(
+                    f"Feedback point {name!r} has shape {tuple(point.shape)} but the error at "
+                    f"{self.tap_name} has shape {tuple(z.shape)}: a point must share the error's leading "
+                    f"dimensions {tuple(lead)}. Read the error elsewhere (error_point) or choose other points."
+                )
+            self.matrices.get(name, math.prod(point.shape[len(lead):]), z.shape[-1], z.device)
+        return ErrorHub.apply(self, names, z, *points)
+
+    def _tap_input(self, module, args):
+        if not torch.is_grad_enabled():
+            return None
+        return (self._tap(args[0]), *args[1:])
+
+    def _tap_output(self, module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        return _replace_output_tensor(output, self._tap(_output_tensor(output)))

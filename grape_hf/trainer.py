@@ -1,0 +1,53 @@
+"""`GrapeTrainer`: the stock `Trainer` with a learning rule's feedback installed on the model.
+
+The training step is the Trainer's own: the rule's points and error tap make the one
+`accelerator.backward(loss)` deliver the rule's gradients, so loss scaling, gradient
+accumulation, clipping, logging and checkpoints are untouched.
+"""
+
+from transformers import Trainer
+
+from .arguments import GrapeTrainingArguments
+from .audit import LocalityReport, audit_network
+from .points import FeedbackNetwork
+from .rules import RULES
+
+
+class GrapeTrainer(Trainer):
+    """Same signature as `Trainer`; `args` must be `GrapeTrainingArguments`.
+
+    Attributes:
+        feedback: the installed `FeedbackNetwork` (point names, matrices, tap), or None for rule 'bp'.
+            `trainer.feedback.remove()` hands the model back exactly as it was.
+    """
+
+    def __init__(self, model=None, args: GrapeTrainingArguments | None = None, *positional, **kwargs):
+        if args is None:
+            args = GrapeTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, GrapeTrainingArguments):
+            raise TypeError(
+                f"GrapeTrainer needs GrapeTrainingArguments, got {type(args).__name__}. Build them the same way "
+                "(every TrainingArguments field works), adding rule=... and setting=..."
+            )
+        self.feedback: FeedbackNetwork | None = None
+        super().__init__(model, args, *positional, **kwargs)
+        if self.model_init is None:  # with model_init, call_model_init installs it on each new model
+            self._install_feedback(self.model)
+
+    def _install_feedback(self, model) -> None:
+        if self.feedback is not None:
+            self.feedback.remove()
+        self.feedback = RULES[self.args.rule](model, self.args)
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        self._install_feedback(model)
+        return model
+
+    def audit_locality(self, batch: dict | None = None, raise_on_leak: bool = True) -> LocalityReport:
+        """Run the locality audit (see `grape_hf.audit`) on `batch`, or on the first training batch."""
+        if self.feedback is None:
+            raise ValueError(f"rule={self.args.rule!r} has no feedback points to audit.")
+        if batch is None:
+            batch = next(iter(self.get_train_dataloader()))
+        return audit_network(self.model, self.feedback, self._prepare_inputs(batch), raise_on_leak)
