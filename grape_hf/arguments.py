@@ -62,8 +62,8 @@ class GrapeTrainingArguments(TrainingArguments):
     )
     feedback_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Name the feedback-point modules yourself (exact names or glob patterns such as "
-                          "'transformer.h.*.attn'); overrides `setting`."},
+        metadata={"help": "Name the feedback-point modules yourself: names from model.named_modules(), where "
+                          "'*' stands for one dotted component ('transformer.h.*.attn'); overrides `setting`."},
     )
 
     def __post_init__(self):
@@ -75,8 +75,8 @@ class GrapeTrainingArguments(TrainingArguments):
             check_choice("error_point", self.error_point, ERROR_POINTS)
         if self.feedback_seed is None:
             self.feedback_seed = self.seed
-        if self.rule != "bp" and self.gradient_checkpointing:
+        if self.rule != "bp" and (self.activation_checkpointing or self.gradient_checkpointing):
             raise ValueError(
-                f"gradient_checkpointing=True does not work with rule={self.rule!r}: recomputing a block runs its "
-                "feedback hooks twice. Turn gradient checkpointing off."
+                f"activation (gradient) checkpointing does not work with rule={self.rule!r}: recomputing a block "
+                "runs its feedback hooks twice. Turn activation_checkpointing off."
             )

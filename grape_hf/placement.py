@@ -9,10 +9,13 @@ Every block input is a cut: its tensor inputs are detached, so no path (a residu
 position tensor or mask shared by all blocks) carries true gradient from one segment to another.
 """
 
-import fnmatch
+import logging
+import re
 from dataclasses import dataclass
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings"  # name of the point on the first block's input
 
@@ -92,15 +95,22 @@ def default_error_point(model: nn.Module) -> str:
     return "head_input" if has_output_embeddings else "logits"
 
 
+def _glob(pattern: str) -> re.Pattern:
+    """A module-name glob: `*` stands for one dotted component ('h.*' matches 'h.0', not 'h.0.attn')."""
+    return re.compile(".".join("[^.]+" if part == "*" else re.escape(part).replace(r"\*", "[^.]*")
+                               for part in pattern.split(".")))
+
+
 def match_modules(model: nn.Module, patterns: list[str]) -> list[str]:
     """Module names matching any of `patterns` (exact names or globs), in forward (registration) order."""
     names = [name for name, _ in model.named_modules() if name]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+    globs = [_glob(pattern) for pattern in patterns]
+    for pattern, glob in zip(patterns, globs):
+        if not any(glob.fullmatch(name) for name in names):
             examples = ", ".join(names[:12])
             raise ValueError(f"feedback_modules pattern {pattern!r} matches no module of {type(model).__name__}; "
                              f"module names look like: {examples}, ...")
-    return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    return [name for name in names if any(glob.fullmatch(name) for glob in globs)]
 
 
 def resolve_placement(model: nn.Module, args) -> Placement:
@@ -113,12 +123,15 @@ def resolve_placement(model: nn.Module, args) -> Placement:
     model_class = type(model).__name__
     if args.feedback_modules:
         points = match_modules(model, args.feedback_modules)
+        if not blocks:
+            logger.warning(f"No blocks found in {model_class}: no cuts and no embeddings point. Check that nothing "
+                           "bypasses your feedback_modules with grape_hf.audit_locality.")
     elif not blocks:
         raise ValueError(
             f"No blocks found in {model_class}: its _no_split_modules is "
             f"{getattr(model, '_no_split_modules', None)!r} and no module of those classes sits in an nn.ModuleList. "
-            "Name the feedback points yourself, e.g. feedback_modules=['encoder.layers.*'] (glob patterns on "
-            "model.named_modules() names)."
+            "Name the feedback points yourself, e.g. feedback_modules=['encoder.layers.*'] (names from "
+            "model.named_modules(), where '*' stands for one dotted component)."
         )
     elif args.setting == "macro":
         points = blocks
@@ -127,10 +140,12 @@ def resolve_placement(model: nn.Module, args) -> Placement:
         for block in blocks:
             block_class = type(model.get_submodule(block)).__name__
             if block_class not in MICRO_SUBLAYERS:
+                children = [name for name, _ in model.get_submodule(block).named_children()]
                 raise ValueError(
                     f"The micro setting does not know the sub-layers of {block_class} (known: "
-                    f"{', '.join(sorted(MICRO_SUBLAYERS))}). Name them yourself, e.g. "
-                    f"feedback_modules=['{block}.self_attn', '{block}.mlp'] with '*' for the block index."
+                    f"{', '.join(sorted(MICRO_SUBLAYERS))}). Name its residual branches yourself with "
+                    f"feedback_modules, '*' standing for the block index, e.g. "
+                    f"['{block.rsplit('.', 1)[0]}.*.<branch>'] for <branch> among its children {children}."
                 )
             points += [f"{block}.{sub}" for sub in MICRO_SUBLAYERS[block_class]]
 

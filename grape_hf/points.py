@@ -14,6 +14,7 @@ All hooks return at once when gradients are off (evaluation, generation).
 """
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -22,6 +23,8 @@ from .feedback import FeedbackMatrices
 from .placement import EMBEDDINGS, Placement
 
 TAP = "error tap"  # source name of the tap's own error in audits
+
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, FeedbackNetwork]" = weakref.WeakKeyDictionary()
 
 
 class ErrorHub(torch.autograd.Function):
@@ -75,6 +78,14 @@ class FeedbackNetwork:
     """
 
     def __init__(self, model: nn.Module, placement: Placement, matrices: FeedbackMatrices):
+        if model in _INSTALLED:
+            raise RuntimeError(
+                f"This {type(model).__name__} already carries grape_hf feedback (from another GrapeTrainer or "
+                "audit); two sets of hooks would compute neither rule. Call `.feedback.remove()` on the trainer "
+                "that installed it first, or build a fresh model."
+            )
+        _INSTALLED[model] = self
+        self._model = weakref.ref(model)
         self.placement = placement
         self.matrices = matrices
         self.audit_source: str | None = None
@@ -108,6 +119,9 @@ class FeedbackNetwork:
             handle.remove()
         self._handles.clear()
         self._recorded.clear()
+        model = self._model()
+        if model is not None and _INSTALLED.get(model) is self:
+            del _INSTALLED[model]
 
     # Hooks -----------------------------------------------------------------------------------
     def _start_forward(self, module, args):
