@@ -12,6 +12,8 @@ from .rules import RULES
 SETTINGS = ("macro", "micro")
 FEEDBACK_INITS = ("normal", "uniform", "kaiming_uniform")
 ERROR_POINTS = ("head_input", "logits")
+ALIGNMENTS = ("frobenius", "columns")
+SMOOTHINGS = ("none", "cma", "ema")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -26,7 +28,8 @@ class GrapeTrainingArguments(TrainingArguments):
 
     rule: str = field(
         default="dfa",
-        metadata={"help": "Learning rule: 'bp' (stock backpropagation) or 'dfa' (Direct Feedback Alignment).",
+        metadata={"help": "Learning rule: 'bp' (stock backpropagation), 'dfa' (Direct Feedback Alignment) or "
+                          "'grape' (DFA with feedback aligned to forward-mode Jacobian estimates).",
                   "choices": list(RULES)},
     )
     setting: str = field(
@@ -66,6 +69,35 @@ class GrapeTrainingArguments(TrainingArguments):
                           "'*' stands for one dotted component ('transformer.h.*.attn'); overrides `setting`."},
     )
 
+    feedback_lr: float = field(
+        default=1e-3,
+        metadata={"help": "GrAPE: SGD step size of the feedback update on 1 - cos(B, T), taken on the unit-norm "
+                          "matrix (or unit columns), so it is a rotation of about this many radians per step."},
+    )
+    feedback_alignment: str = field(
+        default="frobenius",
+        metadata={"help": "GrAPE: 'frobenius' (cosine of whole matrices, constant matrix norm: the paper's text) or "
+                          "'columns' (per-column cosines, unit columns: the revised method).",
+                  "choices": list(ALIGNMENTS)},
+    )
+    feedback_smoothing: str = field(
+        default="none",
+        metadata={"help": "GrAPE: average the Jacobian estimates over steps: 'none', 'cma' (cumulative moving "
+                          "average, as in the paper) or 'ema' (exponential, decay `feedback_ema_decay`).",
+                  "choices": list(SMOOTHINGS)},
+    )
+    feedback_ema_decay: float = field(default=0.9, metadata={"help": "GrAPE: decay of the 'ema' smoothing."})
+    feedback_update_steps: int = field(
+        default=1,
+        metadata={"help": "GrAPE: estimate the Jacobians every N-th optimizer step (the update in between uses the "
+                          "smoothed estimate; needs feedback_smoothing when N > 1)."},
+    )
+    bp_calibration_steps: int = field(
+        default=0,
+        metadata={"help": "Every N-th optimizer step is a true BP step on its batch (the revision's calibration; "
+                          "0: never)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         check_choice("rule", self.rule, tuple(RULES))
@@ -73,6 +105,19 @@ class GrapeTrainingArguments(TrainingArguments):
         check_choice("feedback_init", self.feedback_init, FEEDBACK_INITS)
         if self.error_point is not None:
             check_choice("error_point", self.error_point, ERROR_POINTS)
+        check_choice("feedback_alignment", self.feedback_alignment, ALIGNMENTS)
+        check_choice("feedback_smoothing", self.feedback_smoothing, SMOOTHINGS)
+        if not self.feedback_lr > 0:
+            raise ValueError(f"feedback_lr={self.feedback_lr} must be > 0 (the paper uses 1e-3).")
+        if not 0 < self.feedback_ema_decay < 1:
+            raise ValueError(f"feedback_ema_decay={self.feedback_ema_decay} must be in (0, 1).")
+        if self.feedback_update_steps < 1:
+            raise ValueError(f"feedback_update_steps={self.feedback_update_steps} must be >= 1.")
+        if self.feedback_update_steps > 1 and self.feedback_smoothing == "none":
+            raise ValueError("feedback_update_steps > 1 updates the feedback from smoothed estimates between "
+                             "estimates: set feedback_smoothing to 'cma' or 'ema'.")
+        if self.bp_calibration_steps < 0:
+            raise ValueError(f"bp_calibration_steps={self.bp_calibration_steps} must be >= 0 (0: never).")
         if self.feedback_seed is None:
             self.feedback_seed = self.seed
         if self.rule != "bp" and (self.activation_checkpointing or self.gradient_checkpointing):

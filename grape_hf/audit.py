@@ -8,6 +8,7 @@ signal per module that holds it. Parameters above the tap (the head) are trained
 the loss and are not part of the audit's backward.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from .points import TAP, FeedbackNetwork
 from .rules import RULES
+from .rules.grape import estimating_forward
 
 
 class LocalityError(AssertionError):
@@ -79,7 +81,8 @@ def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict, raise
     was_training = model.training
     model.eval()  # dropout off: the same graph for every source
     try:
-        with torch.enable_grad():
+        # Under GrAPE, audit the forward as it trains: with dual tensors and perturbed tangents.
+        with torch.enable_grad(), estimating_forward(network, model) if network.aligner is not None else contextlib.nullcontext():
             model(**batch)
     finally:
         handle.remove()

@@ -10,13 +10,20 @@
   point k. So the Trainer's own `accelerator.backward(loss)` reaches every parameter, and each
   segment gets exactly the local backward of its feedback.
 
-All hooks return at once when gradients are off (evaluation, generation).
+All hooks return at once when gradients are off (evaluation, generation) or while `bypass` is
+set (a true BP step: BP calibration, alignment probes).
+
+GrAPE's estimate runs in the same forward under `forward_ad.dual_level()` (`estimating`): each
+point adds a fresh perturbation `u_k ~ N(0, I)` to the forward tangent while cutting the backward
+path, cuts keep tangents, and the tap keeps the tangent `d = sum_k J_k u_k` that reaches it and
+hands the head a tangent-free `z`.
 """
 
 import math
 import weakref
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from .feedback import FeedbackMatrices
@@ -56,14 +63,22 @@ def _replace_output_tensor(output, tensor):
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
-def _detach(value):
-    """`value` with every tensor that requires grad detached (through tuples, lists and dicts)."""
+def _cut_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with no backward path; a forward-AD tangent, if any, is kept."""
+    primal, tangent = fwAD.unpack_dual(tensor)
+    if tangent is not None:
+        return fwAD.make_dual(primal.detach(), tangent)
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
+def _cut(value):
+    """`value` with every tensor cut (through tuples, lists and dicts)."""
     if isinstance(value, torch.Tensor):
-        return value.detach() if value.requires_grad else value
+        return _cut_tensor(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value)
+        return type(value)(_cut(v) for v in value)
     if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
+        return {k: _cut(v) for k, v in value.items()}
     return value
 
 
@@ -75,6 +90,10 @@ class FeedbackNetwork:
         matrices: the feedback matrices, by point name.
         audit_source: None in training; during the locality audit, the one source (a point name
             or `TAP`) whose signal the hub lets through.
+        bypass: while True the hooks do nothing: the model runs (and backpropagates) as plain BP.
+        estimating: while True (inside `forward_ad.dual_level()`), points add perturbations drawn
+            from `generator` to the tangent; `perturbations` and `tangent` hold them afterwards.
+        aligner: the rule's feedback update (GrAPE's `GrapeAligner`), or None for fixed feedback.
     """
 
     def __init__(self, model: nn.Module, placement: Placement, matrices: FeedbackMatrices):
@@ -89,6 +108,12 @@ class FeedbackNetwork:
         self.placement = placement
         self.matrices = matrices
         self.audit_source: str | None = None
+        self.bypass = False
+        self.estimating = False
+        self.generator: torch.Generator | None = None
+        self.perturbations: dict[str, torch.Tensor] = {}  # point -> u_k, the point's shape
+        self.tangent: torch.Tensor | None = None  # d = sum_k J_k u_k, the tap's shape
+        self.aligner = None  # GrAPE's `GrapeAligner`; None for DFA
         self._recorded: dict[str, torch.Tensor] = {}
         self._handles = [model.register_forward_pre_hook(self._start_forward)]
         for name in placement.cuts:
@@ -124,39 +149,55 @@ class FeedbackNetwork:
             del _INSTALLED[model]
 
     # Hooks -----------------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return torch.is_grad_enabled() and not self.bypass
+
     def _start_forward(self, module, args):
         self._recorded.clear()  # a forward that stopped early must not leak tensors into the next
+        self.perturbations.clear()
+        self.tangent = None
 
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Keep `tensor` for the hub; give the network a copy with no gradient path."""
+        """Keep `tensor` for the hub; give the network a copy with no gradient path (plus `u_k` on
+        its tangent while estimating)."""
         if name in self._recorded:
             raise RuntimeError(f"Feedback point {name!r} ran twice in one forward pass; a point must be a module "
                                "that runs once per forward (shared or recomputed modules cannot be points).")
-        if tensor.requires_grad:
-            self._recorded[name] = tensor
-        return tensor.detach()
+        primal, tangent = fwAD.unpack_dual(tensor)
+        if primal.requires_grad:
+            self._recorded[name] = primal
+        if not self.estimating:
+            return primal.detach()
+        u = torch.randn(primal.shape, generator=self.generator, device=primal.device, dtype=primal.dtype)
+        self.perturbations[name] = u
+        return fwAD.make_dual(primal.detach(), u if tangent is None else tangent + u)
 
     def _make_cut(self, record_embeddings: bool):
         def cut(module, args, kwargs):
-            if not torch.is_grad_enabled():
+            if not self._active():
                 return None
             if record_embeddings:
                 if args:
                     args = (self._record(EMBEDDINGS, args[0]), *args[1:])
                 else:
                     kwargs["hidden_states"] = self._record(EMBEDDINGS, kwargs["hidden_states"])
-            return _detach(args), _detach(kwargs)
+            return _cut(args), _cut(kwargs)
         return cut
 
     def _make_point(self, name: str):
         def point(module, args, output):
-            if not torch.is_grad_enabled():
+            if not self._active():
                 return None
             return _replace_output_tensor(output, self._record(name, _output_tensor(output)))
         return point
 
     def _tap(self, z: torch.Tensor) -> torch.Tensor:
-        """Route `z` and every recorded point through the hub; create missing matrices."""
+        """Route `z` and every recorded point through the hub; create missing matrices. While
+        estimating, keep z's tangent in `tangent` and pass on its primal only."""
+        z, tangent = fwAD.unpack_dual(z)
+        if self.estimating:
+            # Detached: the tangent's own autograd history (its ops involve the parameters) is not needed.
+            self.tangent = torch.zeros_like(z) if tangent is None else tangent.detach()
         if not self._recorded:
             return z
         names = tuple(self._recorded)
@@ -174,11 +215,11 @@ class FeedbackNetwork:
         return ErrorHub.apply(self, names, z, *points)
 
     def _tap_input(self, module, args):
-        if not torch.is_grad_enabled():
+        if not self._active():
             return None
         return (self._tap(args[0]), *args[1:])
 
     def _tap_output(self, module, args, output):
-        if not torch.is_grad_enabled():
+        if not self._active():
             return None
         return _replace_output_tensor(output, self._tap(_output_tensor(output)))

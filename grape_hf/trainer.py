@@ -5,6 +5,9 @@ The training step is the Trainer's own: the rule's points and error tap make the
 accumulation, clipping, logging and checkpoints are untouched.
 """
 
+import contextlib
+
+import torch
 from transformers import Trainer
 
 from .arguments import GrapeTrainingArguments
@@ -30,6 +33,7 @@ class GrapeTrainer(Trainer):
                 "(every TrainingArguments field works), adding rule=... and setting=..."
             )
         self.feedback: FeedbackNetwork | None = None
+        self._feedback_step = -1  # optimizer step of the last feedback-aware forward
         super().__init__(model, args, *positional, **kwargs)
         if self.model_init is None:  # with model_init, call_model_init installs it on each new model
             self._install_feedback(self.model)
@@ -43,6 +47,40 @@ class GrapeTrainer(Trainer):
         model = super().call_model_init(trial)
         self._install_feedback(model)
         return model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss, its forward wrapped by the rule (`_feedback_forward`) in training."""
+        if self.feedback is None or not torch.is_grad_enabled():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self._feedback_forward():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _feedback_forward(self):
+        """Decide what this training forward is: a true BP step (every `bp_calibration_steps`-th
+        optimizer step), GrAPE's aligned forward (first micro-batch of an optimizer step, so every
+        micro-batch of a gradient-accumulation step uses the same matrices), or a plain one."""
+        step = self.state.global_step
+        first_micro_batch = step != self._feedback_step
+        self._feedback_step = step
+        calibration = self.args.bp_calibration_steps
+        if calibration and (step + 1) % calibration == 0:
+            self.feedback.bypass = True
+            try:
+                yield
+            finally:
+                self.feedback.bypass = False
+        elif self.feedback.aligner is not None and first_micro_batch:
+            with self.feedback.aligner.aligned_forward(self.model, step):
+                yield
+        else:
+            yield
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with the rule's alignment figures added to training logs."""
+        if self.feedback is not None and self.feedback.aligner is not None and "loss" in logs:
+            logs = {**logs, **self.feedback.aligner.pop_metrics()}
+        super().log(logs, start_time)
 
     def audit_locality(self, batch: dict | None = None, raise_on_leak: bool = True) -> LocalityReport:
         """Run the locality audit (see `grape_hf.audit`) on `batch`, or on the first training batch."""

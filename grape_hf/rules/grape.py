@@ -1,0 +1,196 @@
+"""GrAPE: DFA whose feedback matrices are aligned, step by step, to forward-mode Jacobian estimates.
+
+Estimate (Algorithm 1 of the paper, rank-1 form of the revision): in the training forward itself,
+under `forward_ad.dual_level()`, every point k adds a fresh `u_k ~ N(0, I)` to the forward tangent
+(`FeedbackNetwork.estimating`). The tangent reaching the tap is `d = sum_k J_k u_k`, and
+`T_k = mean over batch dims of outer(u_k, d)` is an unbiased estimate of `J_k^T` (the cross terms
+vanish in expectation). No backward pass is involved.
+
+Update, between that forward and the backward, so the backward projects through the refined
+matrices: one SGD step on `1 - cos(B_k, T_k)`, then renormalisation. The step is taken on the
+unit-norm matrix ('frobenius') or on unit columns ('columns'), so `feedback_lr` means the same
+rotation whatever the matrix size.
+"""
+
+import contextlib
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from accelerate.utils import reduce
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..feedback import FeedbackMatrices, point_seed
+from ..placement import resolve_placement
+from ..points import FeedbackNetwork
+
+EPS = 1e-12
+
+
+def jacobian_estimate(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """`T = mean over batch dims of outer(u, d)`, an estimate of `J^T`.
+
+    Args:
+        u: (*lead, *point_features), the point's perturbation.
+        d: (*lead, error_features), the tangent at the tap.
+    Returns:
+        (prod(point_features), error_features), float32.
+    """
+    d_flat = d.reshape(-1, d.shape[-1]).float()
+    u_flat = u.reshape(d_flat.shape[0], -1).float()
+    return u_flat.T @ d_flat / d_flat.shape[0]
+
+
+def cosine(matrix: torch.Tensor, target: torch.Tensor, alignment: str) -> torch.Tensor:
+    """cos(B, T): of the whole matrices ('frobenius') or the mean of per-column cosines ('columns')."""
+    if alignment == "frobenius":
+        return (matrix * target).sum() / (matrix.norm() * target.norm()).clamp_min(EPS)
+    per_column = (matrix * target).sum(0) / (matrix.norm(dim=0) * target.norm(dim=0)).clamp_min(EPS)
+    return per_column.mean()
+
+
+def align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float, alignment: str) -> torch.Tensor:
+    """One SGD step on `1 - cos(B, T)` followed by renormalisation; returns the new B (same norms).
+
+    'frobenius': on `B / |B|`, the gradient of `-cos` is `-(T/|T| - cos B/|B|)`; the result is
+    rescaled to `|B|`. 'columns': the same for every column on its own, each keeping its norm.
+    """
+    dim = None if alignment == "frobenius" else 0
+    norm = matrix.norm(dim=dim, keepdim=dim is not None).clamp_min(EPS)
+    unit = matrix / norm
+    unit_target = target / target.norm(dim=dim, keepdim=dim is not None).clamp_min(EPS)
+    cos = (unit * unit_target).sum(dim=dim, keepdim=dim is not None)
+    stepped = unit + lr * (unit_target - cos * unit)
+    return stepped / stepped.norm(dim=dim, keepdim=dim is not None).clamp_min(EPS) * norm
+
+
+@contextlib.contextmanager
+def forward_ad_attention(model):
+    """Attention on kernels with forward-AD formulas: SDPA's MATH backend, or eager attention for
+    other implementations (flash, flex), switched back afterwards."""
+    config = getattr(model, "config", None)
+    chosen = getattr(config, "_attn_implementation", None)
+    switch = chosen not in (None, "eager", "sdpa") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        if switch:
+            model.set_attn_implementation(chosen)
+
+
+def _failing_module(error: BaseException, model) -> str:
+    """'name (Class)' of the innermost module of `model` on the error's traceback."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = f"the model ({type(model).__name__})"
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if id(module) in names and names[id(module)]:
+            found = f"{names[id(module)]} ({type(module).__name__})"
+        tb = tb.tb_next
+    return found
+
+
+@contextlib.contextmanager
+def estimating_forward(network: FeedbackNetwork, model):
+    """Run the forward inside with dual tensors: points perturb tangents (drawn from
+    `network.generator`, the global RNG if None), the tap keeps `network.tangent`."""
+    with fwAD.dual_level(), forward_ad_attention(model):
+        network.estimating = True
+        try:
+            yield
+        except (RuntimeError, NotImplementedError) as error:
+            if "forward AD" not in str(error) and "jvp" not in str(error):
+                raise
+            raise RuntimeError(
+                f"GrAPE's forward-mode Jacobian estimate needs forward AD through every op of "
+                f"{type(model).__name__}, and one in {_failing_module(error, model)} has none: "
+                f"{str(error).splitlines()[0]} Use rule='dfa', or replace that op (for attention, grape_hf already "
+                "uses eager/MATH kernels)."
+            ) from error
+        finally:
+            network.estimating = False
+
+
+class GrapeAligner:
+    """GrAPE's state and step: the perturbation generator, smoothed targets and the update.
+
+    Args:
+        network: the installed `FeedbackNetwork` whose matrices are aligned.
+        args: `GrapeTrainingArguments` (feedback_lr, feedback_alignment, feedback_smoothing,
+            feedback_ema_decay, feedback_update_steps, feedback_seed).
+    """
+
+    def __init__(self, network: FeedbackNetwork, args):
+        self.network = network
+        self.lr = args.feedback_lr
+        self.alignment = args.feedback_alignment
+        self.smoothing = args.feedback_smoothing
+        self.decay = args.feedback_ema_decay
+        self.update_steps = args.feedback_update_steps
+        self.seed = point_seed(args.feedback_seed, "perturbations")
+        self.targets: dict[str, torch.Tensor] = {}  # smoothed estimates of J_k^T
+        self.estimates_seen = 0  # for the cumulative moving average
+        self.cosine_sums: dict[str, float] = {}  # cos(B_k, target) summed since the last log
+        self.cosine_count = 0
+
+    @contextlib.contextmanager
+    def aligned_forward(self, model, step: int):
+        """Wrap one training forward of optimizer step `step`: estimate when it is due (every
+        `update_steps`), then update the matrices, before the caller's backward."""
+        if step % self.update_steps != 0:
+            yield
+            self.update({})
+            return
+        network = self.network
+        if network.generator is None or network.generator.device != model.device:
+            network.generator = torch.Generator(device=model.device).manual_seed(self.seed)
+        with estimating_forward(network, model):
+            yield
+        if network.tangent is None:
+            raise RuntimeError(f"The forward pass never reached the error tap at {network.tap_name}.")
+        estimates = {name: jacobian_estimate(u, network.tangent) for name, u in network.perturbations.items()}
+        network.perturbations.clear()
+        network.tangent = None
+        self.update(estimates)
+
+    def update(self, estimates: dict[str, torch.Tensor]) -> None:
+        """Average `estimates` across processes, smooth them into `targets`, and take one alignment
+        step of every matrix towards its target. With no estimates, step towards the smoothed targets."""
+        if estimates:
+            self.estimates_seen += 1
+        for name, estimate in estimates.items():
+            estimate = reduce(estimate, reduction="mean")  # every process must hold the same B_k
+            previous = self.targets.get(name)
+            if previous is None or self.smoothing == "none":
+                self.targets[name] = estimate
+            elif self.smoothing == "cma":
+                self.targets[name] = previous + (estimate - previous) / self.estimates_seen
+            else:
+                self.targets[name] = self.decay * previous + (1 - self.decay) * estimate
+        matrices = self.network.matrices.tensors
+        for name, target in self.targets.items():
+            matrices[name] = align_step(matrices[name], target, self.lr, self.alignment)
+            cos = float(cosine(matrices[name], target, self.alignment))
+            self.cosine_sums[name] = self.cosine_sums.get(name, 0.0) + cos
+        self.cosine_count += 1
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Mean cos(B_k, target) per point since the last call, as `alignment/<point>` log entries."""
+        if not self.cosine_count:
+            return {}
+        metrics = {f"alignment/{name}": total / self.cosine_count for name, total in self.cosine_sums.items()}
+        metrics["alignment/mean"] = sum(metrics.values()) / len(metrics)
+        self.cosine_sums.clear()
+        self.cosine_count = 0
+        return metrics
+
+
+def build(model, args) -> FeedbackNetwork:
+    """DFA's points, cuts and tap, plus a `GrapeAligner` as `network.aligner`."""
+    placement = resolve_placement(model, args)
+    network = FeedbackNetwork(model, placement, FeedbackMatrices(args.feedback_init, args.feedback_seed))
+    network.aligner = GrapeAligner(network, args)
+    return network

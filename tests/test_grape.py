@@ -1,0 +1,195 @@
+"""GrAPE: the forward-mode estimate, its unbiasedness, the feedback update, and its errors."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import image_batch, tiny_gpt2, tiny_vit, token_batch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from grape_hf import GrapeTrainer, GrapeTrainingArguments, audit_locality
+from grape_hf.placement import EMBEDDINGS
+from grape_hf.rules import RULES
+from grape_hf.rules.grape import align_step, cosine, estimating_forward, jacobian_estimate
+
+FAMILIES = {"gpt2": (tiny_gpt2, token_batch), "vit": (tiny_vit, image_batch)}
+
+
+def grape_args(tmp_path, **kwargs):
+    return GrapeTrainingArguments(output_dir=str(tmp_path), rule="grape", report_to="none", **kwargs)
+
+
+def tap_as_function(model, network, point, batch):
+    """z as a function of point `point`'s tensor, on a plain (hook-free) `model`: the rest of the
+    forward recomputed from it, as the true Jacobian J_k = dz/dh_k sees it."""
+    placement = network.placement
+    block = placement.embedding_block if point == EMBEDDINGS else point
+    head = model.get_submodule(placement.tap_module)
+
+    def f(h):
+        captured = []
+        if point == EMBEDDINGS:
+            replace = model.get_submodule(block).register_forward_pre_hook(lambda m, a: (h, *a[1:]))
+        else:
+            replace = model.get_submodule(block).register_forward_hook(
+                lambda m, a, o: (h, *o[1:]) if isinstance(o, tuple) else h)
+        if placement.error_point == "head_input":
+            tap = head.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        else:
+            tap = head.register_forward_hook(lambda m, a, o: captured.append(o))
+        try:
+            model(**batch)
+        finally:
+            replace.remove()
+            tap.remove()
+        return captured[0]
+    return f
+
+
+def estimate_once(model, network, batch, seed=0):
+    """One estimating forward: returns (perturbations u_k, tangent d, point tensors h_k)."""
+    recorded = {}
+    original = network._record
+
+    def spy(name, tensor):
+        out = original(name, tensor)
+        recorded[name] = network._recorded.get(name)
+        return out
+
+    network._record = spy
+    network.generator = torch.Generator().manual_seed(seed)
+    try:
+        with estimating_forward(network, model):
+            model(**batch)
+    finally:
+        network._record = original
+    return dict(network.perturbations), network.tangent, recorded
+
+
+@pytest.mark.parametrize("setting", ["macro", "micro"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tangent_at_tap_is_sum_of_jacobian_products(family, setting, tmp_path):
+    make_model, make_batch = FAMILIES[family]
+    model, batch = make_model(), make_batch()
+    plain = copy.deepcopy(model)
+    network = RULES["grape"](model, grape_args(tmp_path, setting=setting))
+    u, d, h = estimate_once(model, network, batch)
+    assert set(u) == set(network.point_names)
+
+    expected = torch.zeros_like(d)
+    with sdpa_kernel(SDPBackend.MATH):
+        for point in network.point_names:
+            f = tap_as_function(plain, network, point, batch)
+            _, jvp = torch.func.jvp(f, (h[point].detach(),), (u[point],))
+            expected += jvp
+    torch.testing.assert_close(d, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_estimate_is_unbiased(tmp_path):
+    """Averaged over draws, T_k approaches J_k^T (mean over positions of the diagonal Jacobian blocks)."""
+    model = tiny_gpt2(n_layer=1)
+    plain = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids.repeat(256, 1)}  # 256 draws per forward on the same sequence
+    network = RULES["grape"](model, grape_args(tmp_path, setting="macro"))
+    sums = {}
+    for draw in range(20):
+        u, d, h = estimate_once(model, network, batch, seed=draw)
+        for point in network.point_names:
+            sums[point] = sums.get(point, 0) + jacobian_estimate(u[point], d)
+
+    single = {"input_ids": ids}
+    for point in network.point_names:
+        h0 = h[point][:1].detach()
+        jac = torch.autograd.functional.jacobian(tap_as_function(plain, network, point, single), h0)
+        # (1, T, e, 1, T, p): the diagonal blocks dz_n/dh_n, averaged over positions n, transposed.
+        truth = torch.stack([jac[0, n, :, 0, n, :] for n in range(ids.shape[1])]).mean(0).T
+        cos = torch.nn.functional.cosine_similarity(sums[point].flatten(), truth.flatten(), dim=0)
+        assert cos > 0.95, (point, float(cos))
+
+
+@pytest.mark.parametrize("alignment", ["frobenius", "columns"])
+def test_update_raises_cosine_and_keeps_norm(alignment):
+    g = torch.Generator().manual_seed(0)
+    matrix, target = torch.randn(48, 16, generator=g), torch.randn(48, 16, generator=g)
+    norms = matrix.norm() if alignment == "frobenius" else matrix.norm(dim=0)
+    previous = cosine(matrix, target, alignment)
+    for _ in range(50):
+        matrix = align_step(matrix, target, lr=0.05, alignment=alignment)
+        now = cosine(matrix, target, alignment)
+        assert now > previous
+        previous = now
+    torch.testing.assert_close(matrix.norm() if alignment == "frobenius" else matrix.norm(dim=0), norms)
+    assert previous > 0.9
+
+
+def test_dual_forward_keeps_dfa_gradients(tmp_path):
+    """With the same B_k, the estimating (dual) forward gives DFA's parameter gradients exactly."""
+    model, batch = tiny_gpt2(), token_batch()
+    plain = copy.deepcopy(model)
+    dfa = RULES["dfa"](plain, grape_args(tmp_path, setting="micro"))
+    network = RULES["grape"](model, grape_args(tmp_path, setting="micro"))
+    plain(**batch).loss.backward()
+    network.matrices.tensors = dict(dfa.matrices.tensors)  # the same B_k, no update in between
+    with estimating_forward(network, model):
+        loss = model(**batch).loss
+    loss.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("setting", ["macro", "micro"])
+def test_audit_passes_under_grape(setting, tmp_path):
+    assert audit_locality(tiny_gpt2(), token_batch(), grape_args(tmp_path, setting=setting)).ok
+    assert audit_locality(tiny_vit(), image_batch(), grape_args(tmp_path, setting=setting)).ok
+
+
+def test_grape_trains_and_logs_alignment(tmp_path):
+    """Through the Trainer: the matrices move towards the estimates and the cosines are logged."""
+    import datasets
+
+    rows = token_batch(batch=16, length=16)
+    data = datasets.Dataset.from_dict({k: v.tolist() for k, v in rows.items()})
+    args = grape_args(tmp_path, setting="macro", max_steps=6, logging_steps=3, per_device_train_batch_size=8,
+                      feedback_lr=0.2, feedback_smoothing="ema", use_cpu=True, save_strategy="no",
+                      disable_tqdm=True)
+    trainer = GrapeTrainer(model=tiny_gpt2(), args=args, train_dataset=data)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "alignment/mean" in entry]
+    assert len(logs) == 2
+    assert logs[1]["alignment/mean"] > logs[0]["alignment/mean"] > 0
+    assert set(trainer.feedback.aligner.targets) == set(trainer.feedback.point_names)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(feedback_lr=0.0), "feedback_lr=0.0 must be > 0"),
+    (dict(feedback_alignment="rows"), "feedback_alignment='rows' is not valid.*'frobenius', 'columns'"),
+    (dict(feedback_smoothing="median"), "feedback_smoothing='median' is not valid.*'cma'"),
+    (dict(feedback_update_steps=4), "set feedback_smoothing"),
+])
+def test_bad_grape_arguments(bad, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        grape_args(tmp_path, **bad)
+
+
+class NoForwardAD(torch.autograd.Function):
+    """An op with a backward formula and no forward-AD (jvp) formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def test_op_without_forward_ad_is_named(tmp_path):
+    model, batch = tiny_gpt2(), token_batch()
+    act = model.transformer.h[0].mlp.act
+    act.forward = lambda x: NoForwardAD.apply(x)
+    network = RULES["grape"](model, grape_args(tmp_path, setting="macro"))
+    with pytest.raises(RuntimeError, match=r"forward AD through every op of GPT2LMHeadModel, and one in "
+                                           r"transformer\.h\.0\.mlp\.act \(NewGELUActivation\) has none: .*jvp"):
+        with network.aligner.aligned_forward(model, step=0):
+            model(**batch)
