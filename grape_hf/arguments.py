@@ -98,6 +98,12 @@ class GrapeTrainingArguments(TrainingArguments):
                           "0: never)."},
     )
 
+    alignment_probe_steps: int = field(
+        default=0,
+        metadata={"help": "Every N optimizer steps, log the true alignment: cos(B_k e, true dL/dh_k) per point, from "
+                          "one extra BP forward and backward on the current batch (0: off)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         check_choice("rule", self.rule, tuple(RULES))
@@ -116,6 +122,8 @@ class GrapeTrainingArguments(TrainingArguments):
         if self.feedback_update_steps > 1 and self.feedback_smoothing == "none":
             raise ValueError("feedback_update_steps > 1 updates the feedback from smoothed estimates between "
                              "estimates: set feedback_smoothing to 'cma' or 'ema'.")
+        if self.alignment_probe_steps < 0:
+            raise ValueError(f"alignment_probe_steps={self.alignment_probe_steps} must be >= 0 (0: off).")
         if self.bp_calibration_steps < 0:
             raise ValueError(f"bp_calibration_steps={self.bp_calibration_steps} must be >= 0 (0: never).")
         if self.feedback_seed is None:

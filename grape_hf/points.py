@@ -115,6 +115,8 @@ class FeedbackNetwork:
         self.tangent: torch.Tensor | None = None  # d = sum_k J_k u_k, the tap's shape
         self.aligner = None  # GrAPE's `GrapeAligner`; None for DFA
         self._recorded: dict[str, torch.Tensor] = {}
+        self._observing = False  # `true_alignment`: record points and z, change nothing
+        self._observed_z: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._start_forward)]
         for name in placement.cuts:
             self._handles.append(model.get_submodule(name).register_forward_pre_hook(
@@ -152,6 +154,28 @@ class FeedbackNetwork:
     def _active(self) -> bool:
         return torch.is_grad_enabled() and not self.bypass
 
+    def true_alignment(self, forward) -> dict[str, float]:
+        """Per point, cos(B_k e, true dL/dh_k) on one batch: a plain BP forward (`forward()` returns
+        the loss) whose point tensors and tap are only observed, then one `autograd.grad` of the loss.
+        Costs one forward and one backward; leaves every `.grad` untouched."""
+        self._observing = True
+        try:
+            loss = forward()
+        finally:
+            self._observing = False
+        names = list(self._recorded)
+        points = [self._recorded.pop(name) for name in names]
+        z = self._observed_z
+        self._observed_z = None
+        *grads, error = torch.autograd.grad(loss, points + [z])
+        cosines = {}
+        for name, point, grad in zip(names, points, grads):
+            self.matrices.get(name, math.prod(point.shape[z.dim() - 1:]), z.shape[-1], z.device)
+            feedback = self.matrices.project(name, error, point.shape, torch.float32)
+            cosines[name] = float(torch.nn.functional.cosine_similarity(feedback.flatten(), grad.float().flatten(),
+                                                                        dim=0))
+        return cosines
+
     def _start_forward(self, module, args):
         self._recorded.clear()  # a forward that stopped early must not leak tensors into the next
         self.perturbations.clear()
@@ -166,6 +190,8 @@ class FeedbackNetwork:
         primal, tangent = fwAD.unpack_dual(tensor)
         if primal.requires_grad:
             self._recorded[name] = primal
+        if self._observing:
+            return tensor
         if not self.estimating:
             return primal.detach()
         u = torch.randn(primal.shape, generator=self.generator, device=primal.device, dtype=primal.dtype)
@@ -181,6 +207,8 @@ class FeedbackNetwork:
                     args = (self._record(EMBEDDINGS, args[0]), *args[1:])
                 else:
                     kwargs["hidden_states"] = self._record(EMBEDDINGS, kwargs["hidden_states"])
+            if self._observing:
+                return None
             return _cut(args), _cut(kwargs)
         return cut
 
@@ -194,6 +222,9 @@ class FeedbackNetwork:
     def _tap(self, z: torch.Tensor) -> torch.Tensor:
         """Route `z` and every recorded point through the hub; create missing matrices. While
         estimating, keep z's tangent in `tangent` and pass on its primal only."""
+        if self._observing:
+            self._observed_z = z
+            return z
         z, tangent = fwAD.unpack_dual(z)
         if self.estimating:
             # Detached: the tangent's own autograd history (its ops involve the parameters) is not needed.

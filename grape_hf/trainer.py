@@ -12,6 +12,7 @@ from transformers import Trainer
 
 from .arguments import GrapeTrainingArguments
 from .audit import LocalityReport, audit_network
+from .callbacks import AlignmentPlotCallback
 from .points import FeedbackNetwork
 from .rules import RULES
 
@@ -34,7 +35,11 @@ class GrapeTrainer(Trainer):
             )
         self.feedback: FeedbackNetwork | None = None
         self._feedback_step = -1  # optimizer step of the last feedback-aware forward
+        self._probe_sums: dict[str, float] = {}  # true-alignment cosines summed since the last log
+        self._probe_count = 0
         super().__init__(model, args, *positional, **kwargs)
+        if args.rule != "bp":
+            self.add_callback(AlignmentPlotCallback)
         if self.model_init is None:  # with model_init, call_model_init installs it on each new model
             self._install_feedback(self.model)
 
@@ -52,17 +57,25 @@ class GrapeTrainer(Trainer):
         """The Trainer's loss, its forward wrapped by the rule (`_feedback_forward`) in training."""
         if self.feedback is None or not torch.is_grad_enabled():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with self._feedback_forward():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    @contextlib.contextmanager
-    def _feedback_forward(self):
-        """Decide what this training forward is: a true BP step (every `bp_calibration_steps`-th
-        optimizer step), GrAPE's aligned forward (first micro-batch of an optimizer step, so every
-        micro-batch of a gradient-accumulation step uses the same matrices), or a plain one."""
         step = self.state.global_step
         first_micro_batch = step != self._feedback_step
         self._feedback_step = step
+        probe = self.args.alignment_probe_steps
+        if probe and first_micro_batch and step % probe == 0:
+            # On the unwrapped model: a forward with no backward must not reach DDP's reducer.
+            unwrapped = self.accelerator.unwrap_model(model)
+            cosines = self.feedback.true_alignment(lambda: Trainer.compute_loss(self, unwrapped, inputs))
+            for name, cos in cosines.items():
+                self._probe_sums[name] = self._probe_sums.get(name, 0.0) + cos
+            self._probe_count += 1
+        with self._feedback_forward(step, first_micro_batch):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _feedback_forward(self, step: int, first_micro_batch: bool):
+        """Decide what this training forward is: a true BP step (every `bp_calibration_steps`-th
+        optimizer step), GrAPE's aligned forward (first micro-batch of an optimizer step, so every
+        micro-batch of a gradient-accumulation step uses the same matrices), or a plain one."""
         calibration = self.args.bp_calibration_steps
         if calibration and (step + 1) % calibration == 0:
             self.feedback.bypass = True
@@ -78,8 +91,15 @@ class GrapeTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log, with the rule's alignment figures added to training logs."""
-        if self.feedback is not None and self.feedback.aligner is not None and "loss" in logs:
-            logs = {**logs, **self.feedback.aligner.pop_metrics()}
+        if self.feedback is not None and "loss" in logs:
+            if self.feedback.aligner is not None:
+                logs = {**logs, **self.feedback.aligner.pop_metrics()}
+            if self._probe_count:
+                probes = {f"true_alignment/{n}": total / self._probe_count for n, total in self._probe_sums.items()}
+                probes["true_alignment/mean"] = sum(probes.values()) / len(probes)
+                logs = {**logs, **probes}
+                self._probe_sums.clear()
+                self._probe_count = 0
         super().log(logs, start_time)
 
     def audit_locality(self, batch: dict | None = None, raise_on_leak: bool = True) -> LocalityReport:

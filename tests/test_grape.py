@@ -7,6 +7,8 @@ import torch
 from tiny_models import image_batch, tiny_gpt2, tiny_vit, token_batch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from transformers import Trainer, TrainingArguments
+
 from grape_hf import GrapeTrainer, GrapeTrainingArguments, audit_locality
 from grape_hf.placement import EMBEDDINGS
 from grape_hf.rules import RULES
@@ -146,10 +148,7 @@ def test_audit_passes_under_grape(setting, tmp_path):
 
 def test_grape_trains_and_logs_alignment(tmp_path):
     """Through the Trainer: the matrices move towards the estimates and the cosines are logged."""
-    import datasets
-
-    rows = token_batch(batch=16, length=16)
-    data = datasets.Dataset.from_dict({k: v.tolist() for k, v in rows.items()})
+    data = lm_dataset()
     args = grape_args(tmp_path, setting="macro", max_steps=6, logging_steps=3, per_device_train_batch_size=8,
                       feedback_lr=0.2, feedback_smoothing="ema", use_cpu=True, save_strategy="no",
                       disable_tqdm=True)
@@ -193,3 +192,43 @@ def test_op_without_forward_ad_is_named(tmp_path):
                                            r"transformer\.h\.0\.mlp\.act \(NewGELUActivation\) has none: .*jvp"):
         with network.aligner.aligned_forward(model, step=0):
             model(**batch)
+
+
+def lm_dataset(rows=16):
+    import datasets
+
+    batch = token_batch(batch=rows, length=16)
+    return datasets.Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
+
+
+def train_weights(tmp_path, trainer_class, **kwargs):
+    args_class = GrapeTrainingArguments if trainer_class is GrapeTrainer else TrainingArguments
+    args = args_class(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, use_cpu=True,
+                      report_to="none", save_strategy="no", disable_tqdm=True, seed=0, **kwargs)
+    trainer = trainer_class(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())
+    trainer.train()
+    return trainer, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("rule", ["dfa", "grape"])
+def test_bp_calibration_every_step_is_bp(rule, tmp_path):
+    """bp_calibration_steps=1 makes every step a true BP step: the stock Trainer's weights, exactly."""
+    _, bp = train_weights(tmp_path / "bp", Trainer)
+    _, calibrated = train_weights(tmp_path / "cal", GrapeTrainer, rule=rule, bp_calibration_steps=1)
+    _, plain = train_weights(tmp_path / "plain", GrapeTrainer, rule=rule)
+    assert all(torch.equal(bp[k], calibrated[k]) for k in bp)
+    assert not all(torch.equal(bp[k], plain[k]) for k in bp)
+
+
+def test_true_alignment_probe_logs_and_changes_nothing(tmp_path):
+    probed, with_probe = train_weights(tmp_path / "probe", GrapeTrainer, rule="dfa", alignment_probe_steps=1,
+                                       logging_steps=1)
+    _, without = train_weights(tmp_path / "none", GrapeTrainer, rule="dfa")
+    assert all(torch.equal(with_probe[k], without[k]) for k in without)
+    logs = [e for e in probed.state.log_history if "true_alignment/mean" in e]
+    assert len(logs) == 3
+    for entry in logs:
+        cosines = [v for k, v in entry.items() if k.startswith("true_alignment/") and k != "true_alignment/mean"]
+        assert len(cosines) == len(probed.feedback.point_names)
+        assert all(-1 <= c <= 1 for c in cosines)
+    assert (tmp_path / "probe" / "alignment.png").stat().st_size > 1000
