@@ -116,9 +116,10 @@ def test_dfa_gradient_accumulation_matches_one_big_batch(tmp_path, setting):
 
 
 # 3. bf16 autocast on CPU -------------------------------------------------------------------------
-def test_bf16_on_cpu_trains_with_float32_feedback(tmp_path):
+@pytest.mark.parametrize("rule", ["dfa", "grape"])
+def test_bf16_on_cpu_trains_with_float32_feedback(tmp_path, rule):
     model = tiny_gpt2()
-    args = grape_args(tmp_path, "bf16", rule="dfa", setting="micro", bf16=True, max_steps=5,
+    args = grape_args(tmp_path, "bf16", rule=rule, setting="micro", bf16=True, max_steps=5,
                       per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-3)
     trainer = GrapeTrainer(model=model, args=args, train_dataset=token_dataset(20))
     trainer.train()

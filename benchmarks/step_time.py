@@ -1,0 +1,140 @@
+"""Step time and activation memory of BP, DFA and GrAPE, side by side on the same model and batch.
+
+    python benchmarks/step_time.py                      # GPT-2 (4 x 256, seq 128, batch 8) and a ViT, CPU-sized
+    python benchmarks/step_time.py --model gpt2 --n_layer 6 --d_model 512 --batch 16 --steps 20
+
+Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
+optimizer step, i.e. what training costs. The variants run in interleaved rounds, so drift of the
+machine hits all alike; the table gives median and mean step time and peak memory with ratios to BP.
+Memory: on CUDA the allocator's peak; on CPU the peak bytes of tensors saved for backward (the
+activations, where the rules differ; weights and optimizer state are the same for all).
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+from transformers.utils import logging as hf_logging
+
+from grape_hf import GrapeTrainer, GrapeTrainingArguments
+
+VARIANTS = {  # name -> GrapeTrainingArguments overrides
+    "bp": dict(rule="bp"),
+    "dfa": dict(rule="dfa"),
+    "grape": dict(rule="grape"),
+    "grape/4": dict(rule="grape", feedback_update_steps=4, feedback_smoothing="ema"),
+}
+
+
+def build(flags):
+    """A fresh model and one batch, per `flags.model`."""
+    torch.manual_seed(0)
+    if flags.model == "gpt2":
+        config = GPT2Config(n_layer=flags.n_layer, n_embd=flags.d_model, n_head=flags.n_head, n_inner=4 * flags.d_model,
+                            vocab_size=flags.vocab, n_positions=flags.seq)
+        ids = torch.randint(0, flags.vocab, (flags.batch, flags.seq))
+        return GPT2LMHeadModel(config), {"input_ids": ids, "labels": ids}
+    config = ViTConfig(num_hidden_layers=flags.n_layer, hidden_size=flags.d_model, num_attention_heads=flags.n_head,
+                       intermediate_size=4 * flags.d_model, image_size=32, patch_size=4, num_labels=10)
+    return ViTForImageClassification(config), {"pixel_values": torch.randn(flags.batch, 3, 32, 32),
+                                               "labels": torch.randint(0, 10, (flags.batch,))}
+
+
+class SavedBytes:
+    """Peak bytes of distinct tensors saved for backward during one step (CPU memory proxy)."""
+
+    def __init__(self):
+        self.live: dict[int, int] = {}
+        self.peak = 0
+
+    def pack(self, tensor):
+        try:
+            key, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+        except RuntimeError:  # a forward-AD (dual) wrapper has no storage of its own: count its elements
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
+        self.live[key] = size
+        self.peak = max(self.peak, sum(self.live.values()))
+        return tensor
+
+
+def make_trainer(flags, overrides, output_dir):
+    model, batch = build(flags)
+    args = GrapeTrainingArguments(output_dir=output_dir, report_to="none", setting=flags.setting,
+                                  use_cpu=flags.device == "cpu", **overrides)
+    trainer = GrapeTrainer(model=model, args=args)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by `train()`, read by `training_step`
+    return trainer, trainer._prepare_inputs(batch)
+
+
+def step(trainer, batch):
+    trainer.training_step(trainer.model, batch)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    trainer.state.global_step += 1
+
+
+def run(flags):
+    device = torch.device(flags.device)
+    trainers = {}
+    with tempfile.TemporaryDirectory() as out:
+        for name, overrides in VARIANTS.items():
+            trainers[name] = make_trainer(flags, overrides, out)
+        times = {name: [] for name in trainers}
+        memory = {}
+        for round_ in range(flags.warmup + flags.steps):
+            for name, (trainer, batch) in trainers.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                saved = SavedBytes()
+                start = time.perf_counter()
+                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                    step(trainer, batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                if round_ >= flags.warmup:
+                    times[name].append(elapsed)
+                    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else saved.peak
+                    memory[name] = max(memory.get(name, 0), peak)
+    bp_time, bp_memory = statistics.median(times["bp"]), memory["bp"]
+    unit = "peak allocated" if device.type == "cuda" else "saved activations"
+    print(f"\n{flags.model} ({flags.setting}, {flags.n_layer} x {flags.d_model}, batch {flags.batch}"
+          f"{f', seq {flags.seq}' if flags.model == 'gpt2' else ''}, {device}, {flags.steps} steps, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads)")
+    # The mean too: 'grape/4' estimates on one step in four, which the median alone would hide.
+    print(f"| variant | median step (s) | x BP | mean step (s) | x BP | {unit} (MB) | x BP |\n"
+          "|---|---|---|---|---|---|---|")
+    bp_mean = statistics.mean(times["bp"])
+    for name in trainers:
+        median, mean = statistics.median(times[name]), statistics.mean(times[name])
+        print(f"| {name} | {median:.4f} | {median / bp_time:.2f} | {mean:.4f} | {mean / bp_mean:.2f} | "
+              f"{memory[name] / 2**20:.1f} | {memory[name] / bp_memory:.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["gpt2", "vit", "both"], default="both")
+    parser.add_argument("--setting", choices=["macro", "micro"], default="macro")
+    parser.add_argument("--n_layer", type=int, default=4)
+    parser.add_argument("--d_model", type=int, default=256)
+    parser.add_argument("--n_head", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per variant (use a multiple of 4)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    flags = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    for model in (["gpt2", "vit"] if flags.model == "both" else [flags.model]):
+        flags.model = model
+        run(flags)
+
+
+if __name__ == "__main__":
+    main()
