@@ -60,7 +60,8 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
     return holders
 
 
-def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict, raise_on_leak: bool = True) -> LocalityReport:
+def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict,
+                  raise_on_leak: bool = True) -> LocalityReport:
     """Audit `network` installed on `model` with one batch of model inputs.
 
     Args:
@@ -82,7 +83,8 @@ def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict, raise
     model.eval()  # dropout off: the same graph for every source
     try:
         # Under GrAPE, audit the forward as it trains: with dual tensors and perturbed tangents.
-        with torch.enable_grad(), estimating_forward(network, model) if network.aligner is not None else contextlib.nullcontext():
+        dual = estimating_forward(network, model) if network.aligner is not None else contextlib.nullcontext()
+        with torch.enable_grad(), dual:
             model(**batch)
     finally:
         handle.remove()

@@ -150,10 +150,6 @@ class FeedbackNetwork:
         if model is not None and _INSTALLED.get(model) is self:
             del _INSTALLED[model]
 
-    # Hooks -----------------------------------------------------------------------------------
-    def _active(self) -> bool:
-        return torch.is_grad_enabled() and not self.bypass
-
     def true_alignment(self, forward) -> dict[str, float]:
         """Per point, cos(B_k e, true dL/dh_k) on one batch: a plain BP forward (`forward()` returns
         the loss) whose point tensors and tap are only observed, then one `autograd.grad` of the loss.
@@ -175,6 +171,10 @@ class FeedbackNetwork:
             cosines[name] = float(torch.nn.functional.cosine_similarity(feedback.flatten(), grad.float().flatten(),
                                                                         dim=0))
         return cosines
+
+    # Hooks -----------------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return torch.is_grad_enabled() and not self.bypass
 
     def _start_forward(self, module, args):
         self._recorded.clear()  # a forward that stopped early must not leak tensors into the next

@@ -13,6 +13,7 @@ from transformers import Trainer
 from .arguments import GrapeTrainingArguments
 from .audit import LocalityReport, audit_network
 from .callbacks import AlignmentPlotCallback
+from .metrics import RunningMeans
 from .points import FeedbackNetwork
 from .rules import RULES
 
@@ -35,8 +36,7 @@ class GrapeTrainer(Trainer):
             )
         self.feedback: FeedbackNetwork | None = None
         self._feedback_step = -1  # optimizer step of the last feedback-aware forward
-        self._probe_sums: dict[str, float] = {}  # true-alignment cosines summed since the last log
-        self._probe_count = 0
+        self._true_alignment = RunningMeans("true_alignment")  # the probe's cosines since the last log
         super().__init__(model, args, *positional, **kwargs)
         if args.rule != "bp":
             self.add_callback(AlignmentPlotCallback)
@@ -65,9 +65,7 @@ class GrapeTrainer(Trainer):
             # On the unwrapped model: a forward with no backward must not reach DDP's reducer.
             unwrapped = self.accelerator.unwrap_model(model)
             cosines = self.feedback.true_alignment(lambda: Trainer.compute_loss(self, unwrapped, inputs))
-            for name, cos in cosines.items():
-                self._probe_sums[name] = self._probe_sums.get(name, 0.0) + cos
-            self._probe_count += 1
+            self._true_alignment.add(cosines)
         with self._feedback_forward(step, first_micro_batch):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -93,13 +91,8 @@ class GrapeTrainer(Trainer):
         """The Trainer's log, with the rule's alignment figures added to training logs."""
         if self.feedback is not None and "loss" in logs:
             if self.feedback.aligner is not None:
-                logs = {**logs, **self.feedback.aligner.pop_metrics()}
-            if self._probe_count:
-                probes = {f"true_alignment/{n}": total / self._probe_count for n, total in self._probe_sums.items()}
-                probes["true_alignment/mean"] = sum(probes.values()) / len(probes)
-                logs = {**logs, **probes}
-                self._probe_sums.clear()
-                self._probe_count = 0
+                logs = {**logs, **self.feedback.aligner.cosines.pop()}
+            logs = {**logs, **self._true_alignment.pop()}
         super().log(logs, start_time)
 
     def audit_locality(self, batch: dict | None = None, raise_on_leak: bool = True) -> LocalityReport:

@@ -37,4 +37,5 @@ def token_batch(batch: int = 4, length: int = 16, seed: int = 1) -> dict:
 
 def image_batch(batch: int = 4, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g), "labels": torch.randint(0, 5, (batch,), generator=g)}
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
+            "labels": torch.randint(0, 5, (batch,), generator=g)}

@@ -20,6 +20,7 @@ from accelerate.utils import reduce
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..feedback import FeedbackMatrices, point_seed
+from ..metrics import RunningMeans
 from ..placement import resolve_placement
 from ..points import FeedbackNetwork
 
@@ -133,8 +134,7 @@ class GrapeAligner:
         self.seed = point_seed(args.feedback_seed, "perturbations")
         self.targets: dict[str, torch.Tensor] = {}  # smoothed estimates of J_k^T
         self.estimates_seen = 0  # for the cumulative moving average
-        self.cosine_sums: dict[str, float] = {}  # cos(B_k, target) summed since the last log
-        self.cosine_count = 0
+        self.cosines = RunningMeans("alignment")  # cos(B_k, target) since the last log
 
     @contextlib.contextmanager
     def aligned_forward(self, model, step: int):
@@ -173,19 +173,8 @@ class GrapeAligner:
         matrices = self.network.matrices.tensors
         for name, target in self.targets.items():
             matrices[name] = align_step(matrices[name], target, self.lr, self.alignment)
-            cos = float(cosine(matrices[name], target, self.alignment))
-            self.cosine_sums[name] = self.cosine_sums.get(name, 0.0) + cos
-        self.cosine_count += 1
-
-    def pop_metrics(self) -> dict[str, float]:
-        """Mean cos(B_k, target) per point since the last call, as `alignment/<point>` log entries."""
-        if not self.cosine_count:
-            return {}
-        metrics = {f"alignment/{name}": total / self.cosine_count for name, total in self.cosine_sums.items()}
-        metrics["alignment/mean"] = sum(metrics.values()) / len(metrics)
-        self.cosine_sums.clear()
-        self.cosine_count = 0
-        return metrics
+        self.cosines.add({name: float(cosine(matrices[name], target, self.alignment))
+                          for name, target in self.targets.items()})
 
 
 def build(model, args) -> FeedbackNetwork:
