@@ -1,11 +1,12 @@
 """Step time and activation memory of BP, DFA and GrAPE, side by side on the same model and batch.
 
     python benchmarks/step_time.py                      # GPT-2 (4 x 256, seq 128, batch 8) and a ViT, CPU-sized
-    python benchmarks/step_time.py --model gpt2 --n_layer 6 --d_model 512 --batch 16 --steps 20
+    python benchmarks/step_time.py --model gpt2 --n_layer 6 --d_model 512 --batch 16 --rounds 5
 
 Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
-optimizer step, i.e. what training costs. The variants run in interleaved rounds, so drift of the
-machine hits all alike; the table gives median and mean step time and peak memory with ratios to BP.
+optimizer step, i.e. what training costs. The variants run in rounds of blocks of steps, so drift
+of the machine hits all alike; the table gives median and mean step time and peak memory with
+ratios to BP.
 Memory: on CUDA the allocator's peak; on CPU the peak bytes of tensors saved for backward (the
 activations, where the rules differ; weights and optimizer state are the same for all).
 """
@@ -85,26 +86,33 @@ def run(flags):
             trainers[name] = make_trainer(flags, overrides, out)
         times = {name: [] for name in trainers}
         memory = {}
-        for round_ in range(flags.warmup + flags.steps):
+        # Rounds of blocks: each variant runs `warmup` unmeasured steps, then `block` measured ones.
+        # Blocks rather than single interleaved steps: switching model at every step makes each
+        # step pay for the previous variant's allocations, which no real run does.
+        for _ in range(flags.rounds):
             for name, (trainer, batch) in trainers.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
+                for i in range(flags.warmup + flags.block):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    start = time.perf_counter()
+                    step(trainer, batch)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        memory[name] = max(memory.get(name, 0), torch.cuda.max_memory_allocated())
+                    if i >= flags.warmup:
+                        times[name].append(time.perf_counter() - start)
+        if device.type != "cuda":  # untimed: the hook costs a Python call per saved tensor
+            for name, (trainer, batch) in trainers.items():
+                trainer.state.global_step = 0  # an estimating step for the GrAPE variants
                 saved = SavedBytes()
-                start = time.perf_counter()
                 with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                     step(trainer, batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-                if round_ >= flags.warmup:
-                    times[name].append(elapsed)
-                    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else saved.peak
-                    memory[name] = max(memory.get(name, 0), peak)
+                memory[name] = saved.peak
     bp_time, bp_memory = statistics.median(times["bp"]), memory["bp"]
     unit = "peak allocated" if device.type == "cuda" else "saved activations"
     print(f"\n{flags.model} ({flags.setting}, {flags.n_layer} x {flags.d_model}, batch {flags.batch}"
-          f"{f', seq {flags.seq}' if flags.model == 'gpt2' else ''}, {device}, {flags.steps} steps, torch "
+          f"{f', seq {flags.seq}' if flags.model == 'gpt2' else ''}, {device}, {flags.rounds} x {flags.block} steps, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads)")
     # The mean too: 'grape/4' estimates on one step in four, which the median alone would hide.
     print(f"| variant | median step (s) | x BP | mean step (s) | x BP | {unit} (MB) | x BP |\n"
@@ -126,8 +134,10 @@ def main():
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per variant (use a multiple of 4)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all variants")
+    parser.add_argument("--block", type=int, default=4, help="measured steps per variant and round (a multiple of 4, "
+                                                             "so grape/4 estimates on one step in four)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before each block")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     flags = parser.parse_args()
     hf_logging.set_verbosity_error()

@@ -232,3 +232,4 @@ def test_true_alignment_probe_logs_and_changes_nothing(tmp_path):
         assert len(cosines) == len(probed.feedback.point_names)
         assert all(-1 <= c <= 1 for c in cosines)
     assert (tmp_path / "probe" / "alignment.png").stat().st_size > 1000
+

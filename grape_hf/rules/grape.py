@@ -108,8 +108,8 @@ def estimating_forward(network: FeedbackNetwork, model):
             raise RuntimeError(
                 f"GrAPE's forward-mode Jacobian estimate needs forward AD through every op of "
                 f"{type(model).__name__}, and one in {_failing_module(error, model)} has none: "
-                f"{str(error).splitlines()[0]} Use rule='dfa', or replace that op (for attention, grape_hf already "
-                "uses eager/MATH kernels)."
+                f"{str(error).splitlines()[0]} Use rule='dfa', or replace that op (attention is already switched "
+                "to kernels with forward AD)."
             ) from error
         finally:
             network.estimating = False
