@@ -9,7 +9,7 @@ PLOT_FILE = "alignment.png"
 
 class AlignmentPlotCallback(TrainerCallback):
     """At the end of training, plot the logged alignment curves into `output_dir/alignment.png`:
-    `alignment/*` (cos(B_k, target), GrAPE) and `true_alignment/*` (cos(B_k e, dL/dh_k), the probe)."""
+    `alignment/*` (cos(B_k, T_k)) and `true_alignment/*` (cos(B_k e, dL/dh_k), the probe)."""
 
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

@@ -3,9 +3,14 @@
 from ..feedback import FeedbackMatrices
 from ..placement import resolve_placement
 from ..points import FeedbackNetwork
+from .grape import GrapeAligner
 
 
 def build(model, args) -> FeedbackNetwork:
-    """Install points, cuts and the error tap of `args.setting` on `model`, with fixed random matrices."""
+    """Install points, cuts and the error tap of `args.setting` on `model`, with fixed random matrices.
+    With `alignment_probe_steps`, a measuring-only `GrapeAligner` logs cos(B_k, T_k) as GrAPE does."""
     placement = resolve_placement(model, args)
-    return FeedbackNetwork(model, placement, FeedbackMatrices(args.feedback_init, args.feedback_seed))
+    network = FeedbackNetwork(model, placement, FeedbackMatrices(args.feedback_init, args.feedback_seed))
+    if args.alignment_probe_steps:
+        network.aligner = GrapeAligner(network, args, learn=False)
+    return network

@@ -118,31 +118,38 @@ def estimating_forward(network: FeedbackNetwork, model):
 class GrapeAligner:
     """GrAPE's state and step: the perturbation generator, smoothed targets and the update.
 
+    With `learn=False` (DFA with `alignment_probe_steps`) it only measures: it estimates every
+    `alignment_probe_steps` steps and logs cos(B_k, T_k), never touching B_k, so the two rules
+    log the same figure.
+
     Args:
         network: the installed `FeedbackNetwork` whose matrices are aligned.
         args: `GrapeTrainingArguments` (feedback_lr, feedback_alignment, feedback_smoothing,
-            feedback_ema_decay, feedback_update_steps, feedback_seed).
+            feedback_ema_decay, feedback_update_steps, feedback_seed, alignment_probe_steps).
+        learn: update the matrices (GrAPE) or only measure (DFA).
     """
 
-    def __init__(self, network: FeedbackNetwork, args):
+    def __init__(self, network: FeedbackNetwork, args, learn: bool = True):
         self.network = network
+        self.learn = learn
         self.lr = args.feedback_lr
         self.alignment = args.feedback_alignment
         self.smoothing = args.feedback_smoothing
         self.decay = args.feedback_ema_decay
-        self.update_steps = args.feedback_update_steps
+        self.estimate_steps = args.feedback_update_steps if learn else args.alignment_probe_steps
         self.seed = point_seed(args.feedback_seed, "perturbations")
         self.targets: dict[str, torch.Tensor] = {}  # smoothed estimates of J_k^T
         self.estimates_seen = 0  # for the cumulative moving average
-        self.cosines = RunningMeans("alignment")  # cos(B_k, target) since the last log
+        self.cosines = RunningMeans("alignment")  # cos(B_k, T_k) of this step's estimates, since the last log
 
     @contextlib.contextmanager
     def aligned_forward(self, model, step: int):
         """Wrap one training forward of optimizer step `step`: estimate when it is due (every
-        `update_steps`), then update the matrices, before the caller's backward."""
-        if step % self.update_steps != 0:
+        `estimate_steps`), then update the matrices, before the caller's backward."""
+        if step % self.estimate_steps != 0:
             yield
-            self.update({})
+            if self.learn:
+                self.update({})
             return
         network = self.network
         if network.generator is None or network.generator.device != model.device:
@@ -151,18 +158,21 @@ class GrapeAligner:
             yield
         if network.tangent is None:
             raise RuntimeError(f"The forward pass never reached the error tap at {network.tap_name}.")
-        estimates = {name: jacobian_estimate(u, network.tangent) for name, u in network.perturbations.items()}
+        estimates = {name: reduce(jacobian_estimate(u, network.tangent), reduction="mean")  # same on all processes
+                     for name, u in network.perturbations.items()}
         network.perturbations.clear()
         network.tangent = None
-        self.update(estimates)
+        if self.learn:
+            self.update(estimates)
+        matrices = network.matrices.tensors
+        self.cosines.add({name: float(cosine(matrices[name], t, self.alignment)) for name, t in estimates.items()})
 
     def update(self, estimates: dict[str, torch.Tensor]) -> None:
-        """Average `estimates` across processes, smooth them into `targets`, and take one alignment
-        step of every matrix towards its target. With no estimates, step towards the smoothed targets."""
+        """Smooth `estimates` into `targets` and take one alignment step of every matrix towards
+        its target. With no estimates, step towards the smoothed targets."""
         if estimates:
             self.estimates_seen += 1
         for name, estimate in estimates.items():
-            estimate = reduce(estimate, reduction="mean")  # every process must hold the same B_k
             previous = self.targets.get(name)
             if previous is None or self.smoothing == "none":
                 self.targets[name] = estimate
@@ -173,8 +183,6 @@ class GrapeAligner:
         matrices = self.network.matrices.tensors
         for name, target in self.targets.items():
             matrices[name] = align_step(matrices[name], target, self.lr, self.alignment)
-        self.cosines.add({name: float(cosine(matrices[name], target, self.alignment))
-                          for name, target in self.targets.items()})
 
 
 def build(model, args) -> FeedbackNetwork:
