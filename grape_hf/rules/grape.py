@@ -3,8 +3,9 @@
 Estimate (Algorithm 1 of the paper, rank-1 form of the revision): in the training forward itself,
 under `forward_ad.dual_level()`, every point k adds a fresh `u_k ~ N(0, I)` to the forward tangent
 (`FeedbackNetwork.estimating`). The tangent reaching the tap is `d = sum_k J_k u_k`, and
-`T_k = mean over batch dims of outer(u_k, d)` is an unbiased estimate of `J_k^T` (the cross terms
-vanish in expectation). No backward pass is involved.
+`T_k = mean over batch dims of outer(u_k, d)` is an unbiased estimate of `J_k^T`: its expectation
+is the mean over positions n of `(dz_n / dh_k,n)^T`, every cross term (other points, other
+positions through attention) vanishing. No backward pass is involved.
 
 Update, between that forward and the backward, so the backward projects through the refined
 matrices: one SGD step on `1 - cos(B_k, T_k)`, then renormalisation. The step is taken on the
