@@ -7,14 +7,16 @@ Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one bac
 optimizer step, i.e. what training costs. The variants run in rounds of blocks of steps, so drift
 of the machine hits all alike; the table gives median and mean step time and peak memory with
 ratios to BP.
-Memory: on CUDA the allocator's peak; on CPU the peak bytes of tensors saved for backward (the
-activations, where the rules differ; weights and optimizer state are the same for all).
+Memory: on CUDA the allocator's peak; on CPU the bytes of the tensors saved for backward that are
+still alive when the forward ends (the activations, where the rules differ; weights and optimizer
+state are the same for all), measured in a separate untimed forward.
 """
 
 import argparse
 import statistics
 import tempfile
 import time
+import weakref
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
@@ -44,21 +46,35 @@ def build(flags):
                                                "labels": torch.randint(0, 10, (flags.batch,))}
 
 
-class SavedBytes:
-    """Peak bytes of distinct tensors saved for backward during one step (CPU memory proxy)."""
+class LiveSavedBytes:
+    """Bytes of the tensors saved for backward that are still alive when the forward ends: the
+    activation memory a step holds into its backward (CPU memory proxy)."""
 
     def __init__(self):
-        self.live: dict[int, int] = {}
-        self.peak = 0
+        self.saved: dict[int, tuple[list[weakref.ref], int]] = {}  # storage -> (its saved tensors, bytes)
 
     def pack(self, tensor):
         try:
             key, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
         except RuntimeError:  # a forward-AD (dual) wrapper has no storage of its own: count its elements
             key, size = id(tensor), tensor.numel() * tensor.element_size()
-        self.live[key] = size
-        self.peak = max(self.peak, sum(self.live.values()))
+        refs, _ = self.saved.setdefault(key, ([], size))
+        refs.append(weakref.ref(tensor))
         return tensor
+
+    def live(self) -> int:
+        """Bytes of the storages that some saved tensor still holds."""
+        return sum(size for refs, size in self.saved.values() if any(ref() is not None for ref in refs))
+
+
+def forward_memory(trainer, batch) -> int:
+    """`LiveSavedBytes` of one training forward (the rule's work included), without its backward."""
+    saved = LiveSavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(trainer.model, batch)
+    live = saved.live()
+    del loss
+    return live
 
 
 def make_trainer(flags, overrides, output_dir):
@@ -105,12 +121,9 @@ def run(flags):
         if device.type != "cuda":  # untimed: the hook costs a Python call per saved tensor
             for name, (trainer, batch) in trainers.items():
                 trainer.state.global_step = 0  # an estimating step for the GrAPE variants
-                saved = SavedBytes()
-                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                    step(trainer, batch)
-                memory[name] = saved.peak
+                memory[name] = forward_memory(trainer, batch)
     bp_time, bp_memory = statistics.median(times["bp"]), memory["bp"]
-    unit = "peak allocated" if device.type == "cuda" else "saved activations"
+    unit = "peak allocated" if device.type == "cuda" else "activations held for backward"
     print(f"\n{flags.model} ({flags.setting}, {flags.n_layer} x {flags.d_model}, batch {flags.batch}"
           f"{f', seq {flags.seq}' if flags.model == 'gpt2' else ''}, {device}, {flags.rounds} x {flags.block} steps, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads)")
