@@ -11,7 +11,7 @@
   segment gets exactly the local backward of its feedback.
 
 All hooks return at once when gradients are off (evaluation, generation) or while `bypass` is
-set (a true BP step: BP calibration, alignment probes).
+set (a true BP step: BP calibration). The alignment probe observes instead (`true_alignment`).
 
 GrAPE's estimate runs in the same forward under `forward_ad.dual_level()` (`estimating`): each
 point adds a fresh perturbation `u_k ~ N(0, I)` to the forward tangent while cutting the backward
@@ -27,7 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from .feedback import FeedbackMatrices
-from .placement import EMBEDDINGS, Placement
+from .placement import EMBEDDINGS, Placement, resolve_placement
 
 TAP = "error tap"  # source name of the tap's own error in audits
 
@@ -169,7 +169,7 @@ class FeedbackNetwork:
         *grads, error = torch.autograd.grad(loss, points + [z])
         cosines = {}
         for name, point, grad in zip(names, points, grads):
-            self.matrices.get(name, math.prod(point.shape[z.dim() - 1:]), z.shape[-1], z.device)
+            self._matrix_for(name, point, z)
             feedback = self.matrices.project(name, error, point.shape, torch.float32)
             cosines[name] = float(torch.nn.functional.cosine_similarity(feedback.flatten(), grad.float().flatten(),
                                                                         dim=0))
@@ -237,16 +237,21 @@ class FeedbackNetwork:
         names = tuple(self._recorded)
         points = [self._recorded[n] for n in names]
         self._recorded.clear()
-        lead = z.shape[:-1]
         for name, point in zip(names, points):
-            if point.shape[: len(lead)] != lead:
-                raise ValueError(
-                    f"Feedback point {name!r} has shape {tuple(point.shape)} but the error at "
-                    f"{self.tap_name} has shape {tuple(z.shape)}: a point must share the error's leading "
-                    f"dimensions {tuple(lead)}. Read the error elsewhere (error_point) or choose other points."
-                )
-            self.matrices.get(name, math.prod(point.shape[len(lead):]), z.shape[-1], z.device)
+            self._matrix_for(name, point, z)
         return ErrorHub.apply(self, names, z, *points)
+
+    def _matrix_for(self, name: str, point: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """B_k for `point` (*lead, *features) and the error `z` (*lead, error_features), created on
+        first use; raises when the point does not share the error's leading dimensions."""
+        lead = z.shape[:-1]
+        if point.shape[: len(lead)] != lead:
+            raise ValueError(
+                f"Feedback point {name!r} has shape {tuple(point.shape)} but the error at "
+                f"{self.tap_name} has shape {tuple(z.shape)}: a point must share the error's leading "
+                f"dimensions {tuple(lead)}. Read the error elsewhere (error_point) or choose other points."
+            )
+        return self.matrices.get(name, math.prod(point.shape[len(lead):]), z.shape[-1], z.device)
 
     def _tap_input(self, module, args):
         if not self._active():
@@ -257,3 +262,10 @@ class FeedbackNetwork:
         if not self._active():
             return None
         return _replace_output_tensor(output, self._tap(_output_tensor(output)))
+
+
+def install(model: nn.Module, args) -> FeedbackNetwork:
+    """The points, cuts and tap of `args` (setting or feedback_modules) on `model`, with random
+    matrices of `args.feedback_init` seeded by `args.feedback_seed`: what every feedback rule starts from."""
+    placement = resolve_placement(model, args)
+    return FeedbackNetwork(model, placement, FeedbackMatrices(args.feedback_init, args.feedback_seed))

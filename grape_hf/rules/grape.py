@@ -20,10 +20,9 @@ import torch.autograd.forward_ad as fwAD
 from accelerate.utils import reduce
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..feedback import FeedbackMatrices, point_seed
+from ..feedback import point_seed
 from ..metrics import RunningMeans
-from ..placement import resolve_placement
-from ..points import FeedbackNetwork
+from ..points import FeedbackNetwork, install
 
 EPS = 1e-12
 
@@ -188,7 +187,6 @@ class GrapeAligner:
 
 def build(model, args) -> FeedbackNetwork:
     """DFA's points, cuts and tap, plus a `GrapeAligner` as `network.aligner`."""
-    placement = resolve_placement(model, args)
-    network = FeedbackNetwork(model, placement, FeedbackMatrices(args.feedback_init, args.feedback_seed))
+    network = install(model, args)
     network.aligner = GrapeAligner(network, args)
     return network
