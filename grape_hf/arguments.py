@@ -28,8 +28,11 @@ class GrapeTrainingArguments(TrainingArguments):
 
     rule: str = field(
         default="dfa",
-        metadata={"help": "Learning rule: 'bp' (stock backpropagation), 'dfa' (Direct Feedback Alignment) or "
-                          "'grape' (DFA with feedback aligned to forward-mode Jacobian estimates).",
+        metadata={"help": "Learning rule: 'bp' (stock backpropagation), 'dfa' (Direct Feedback Alignment), "
+                          "'grape' (DFA with feedback aligned to forward-mode Jacobian estimates), and the paper's "
+                          "baselines for MLPs/CNNs: 'fa' (Feedback Alignment: random B in place of W^T, layer by "
+                          "layer), 'drtp' (DFA projecting the one-hot target instead of the error; classifiers) and "
+                          "'pepita' (a second forward on the error-modulated input; MLPs only).",
                   "choices": list(RULES)},
     )
     setting: str = field(
@@ -98,6 +101,23 @@ class GrapeTrainingArguments(TrainingArguments):
                           "0: never)."},
     )
 
+    pepita_f_scale: float = field(
+        default=0.05,
+        metadata={"help": "PEPITA: the input feedback F (input_features x classes) has entries of standard deviation "
+                          "pepita_f_scale * sqrt(2 / input_features) (0.05 in Dellaferrera & Kreiman 2022 and "
+                          "Srinivasan et al. 2023; the latter add weight decay: use `weight_decay`)."},
+    )
+    pepita_mirror_lr: float = field(
+        default=0.0,
+        metadata={"help": "PEPITA: weight mirroring (Srinivasan et al. 2023): F becomes a product of one factor per "
+                          "layer, each turned towards W_l^T by this SGD step size on every training forward, then "
+                          "renormalised to F's scale (0: off, F fixed; they use 0.01)."},
+    )
+    pepita_mirror_weight_decay: float = field(
+        default=1e-4, metadata={"help": "PEPITA: weight decay of the mirroring SGD step."})
+    pepita_mirror_noise: float = field(
+        default=0.1, metadata={"help": "PEPITA: standard deviation of the noise fed to each layer when mirroring."})
+
     alignment_probe_steps: int = field(
         default=0,
         metadata={"help": "Every N optimizer steps, log the true alignment: cos(B_k e, true dL/dh_k) per point, from "
@@ -126,6 +146,12 @@ class GrapeTrainingArguments(TrainingArguments):
             raise ValueError(f"alignment_probe_steps={self.alignment_probe_steps} must be >= 0 (0: off).")
         if self.bp_calibration_steps < 0:
             raise ValueError(f"bp_calibration_steps={self.bp_calibration_steps} must be >= 0 (0: never).")
+        if not self.pepita_f_scale > 0:
+            raise ValueError(f"pepita_f_scale={self.pepita_f_scale} must be > 0 (the papers use 0.05).")
+        if self.pepita_mirror_lr < 0 or self.pepita_mirror_weight_decay < 0 or not self.pepita_mirror_noise > 0:
+            raise ValueError(f"PEPITA's mirroring needs pepita_mirror_lr >= 0 (0: off), pepita_mirror_weight_decay "
+                             f">= 0 and pepita_mirror_noise > 0; got {self.pepita_mirror_lr}, "
+                             f"{self.pepita_mirror_weight_decay} and {self.pepita_mirror_noise}.")
         if self.feedback_seed is None:
             self.feedback_seed = self.seed
         if self.rule != "bp" and (self.activation_checkpointing or self.gradient_checkpointing):

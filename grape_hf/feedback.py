@@ -47,6 +47,7 @@ class FeedbackMatrices:
         self.init = init
         self.seed = seed
         self.tensors: dict[str, torch.Tensor] = {}
+        self.loaded_from: str | None = None  # the checkpoint file the matrices came from, for error messages
 
     def get(self, name: str, point_features: int, error_features: int, device: torch.device) -> torch.Tensor:
         """The matrix of point `name`, (point_features, error_features), created on first use.
@@ -59,6 +60,12 @@ class FeedbackMatrices:
             generator = torch.Generator().manual_seed(point_seed(self.seed, name))
             matrix = init_feedback_matrix((point_features, error_features), self.init, generator)
             self.tensors[name] = matrix = matrix.to(device)
+        elif matrix.shape != (point_features, error_features) and self.loaded_from is not None:
+            raise ValueError(
+                f"Feedback point {name!r} needs a {point_features}x{error_features} matrix but {self.loaded_from} "
+                f"holds a {tuple(matrix.shape)} one: that checkpoint was written for another model or error point. "
+                "Resume from a checkpoint of this model and these settings, or start a fresh run."
+            )
         elif matrix.shape != (point_features, error_features):
             raise ValueError(
                 f"Feedback point {name!r} needs a {point_features}x{error_features} matrix but has "
@@ -82,3 +89,14 @@ class FeedbackMatrices:
         matrix = self.tensors[name]
         flat = error.reshape(-1, error.shape[-1]).to(matrix.dtype)
         return (flat @ matrix.T).to(dtype).reshape(point_shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The matrices by point name, each (point_features, error_features); points not yet run have none."""
+        return dict(self.tensors)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str | None = None) -> None:
+        """Replace every matrix by `tensors` (point name -> (point_features, error_features)). They move
+        to the model's device on first use, where `get` checks their shapes against the model's
+        points and names `source` (the file they came from) if one does not fit."""
+        self.tensors = dict(tensors)
+        self.loaded_from = source

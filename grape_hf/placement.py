@@ -7,6 +7,9 @@ Micro: one point per residual branch (attention, MLP), named per block class in 
 Both add a point on the embeddings (the input of the first block) unless told not to.
 Every block input is a cut: its tensor inputs are detached, so no path (a residual stream, a
 position tensor or mask shared by all blocks) carries true gradient from one segment to another.
+A model may instead declare its points per setting in `_feedback_points` (the grape_hf.models
+MLP, CNN, AlexNet, VGG and ResNet do: one point per weight layer in micro, per block in macro);
+it then has no embeddings point, and its `_no_split_modules` blocks are still cuts.
 """
 
 import logging
@@ -28,6 +31,10 @@ MICRO_SUBLAYERS = {
     "Qwen3DecoderLayer": ("self_attn", "mlp"),
     "ViTLayer": ("attention", "mlp"),  # transformers >= 5.9 layout
 }
+
+# Class attribute of a model that declares its own points: setting -> module-name patterns
+# (grape_hf.models: MLP, CNN, AlexNet, VGG, ResNet); it overrides the block discovery above.
+DECLARED_POINTS = "_feedback_points"
 
 # Attributes that hold a classifier head when the model has no output embeddings.
 HEAD_ATTRIBUTES = ("classifier", "score")
@@ -101,12 +108,13 @@ def _glob(pattern: str) -> re.Pattern:
                                for part in pattern.split(".")))
 
 
-def match_modules(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Module names matching any of `patterns` (exact names or globs), in forward (registration) order."""
+def match_modules(model: nn.Module, patterns: list[str], every_pattern: bool = True) -> list[str]:
+    """Module names matching any of `patterns` (exact names or globs), in forward (registration) order.
+    With `every_pattern`, a pattern that matches nothing (a user's typo) raises."""
     names = [name for name, _ in model.named_modules() if name]
     globs = [_glob(pattern) for pattern in patterns]
     for pattern, glob in zip(patterns, globs):
-        if not any(glob.fullmatch(name) for name in names):
+        if every_pattern and not any(glob.fullmatch(name) for name in names):
             examples = ", ".join(names[:12])
             raise ValueError(f"feedback_modules pattern {pattern!r} matches no module of {type(model).__name__}; "
                              f"module names look like: {examples}, ...")
@@ -121,11 +129,15 @@ def resolve_placement(model: nn.Module, args) -> Placement:
     """
     blocks = find_blocks(model)
     model_class = type(model).__name__
+    declared = getattr(model, DECLARED_POINTS, None)
     if args.feedback_modules:
         points = match_modules(model, args.feedback_modules)
-        if not blocks:
+        if not blocks and not declared:
             logger.warning(f"No blocks found in {model_class}: no cuts and no embeddings point. Check that nothing "
                            "bypasses your feedback_modules with grape_hf.audit_locality.")
+    elif declared:
+        # A declared pattern may match nothing in a small variant (a CNN without dense layers).
+        points = match_modules(model, list(declared[args.setting]), every_pattern=False)
     elif not blocks:
         raise ValueError(
             f"No blocks found in {model_class}: its _no_split_modules is "
@@ -155,7 +167,8 @@ def resolve_placement(model: nn.Module, args) -> Placement:
         raise ValueError(f"The output head {tap_module!r} cannot also be a feedback point.")
     return Placement(
         points=tuple(points),
-        embedding_block=blocks[0] if (args.feedback_embeddings and blocks) else None,
+        # A model that declares its points declares its first one too (a stem or first layer is a unit).
+        embedding_block=blocks[0] if (args.feedback_embeddings and blocks and not declared) else None,
         cuts=tuple(blocks),
         tap_module=tap_module,
         error_point=error_point,

@@ -48,10 +48,11 @@ class ErrorHub(torch.autograd.Function):
     def backward(ctx, error: torch.Tensor):
         network = ctx.network
         only = network.audit_source  # None in training; one source name during the locality audit
+        signal = network.point_signal(error)
         feedback = []
         for i, (name, (shape, dtype)) in enumerate(zip(ctx.names, ctx.point_meta)):
             wanted = ctx.needs_input_grad[3 + i] and only in (None, name)
-            feedback.append(network.matrices.project(name, error, shape, dtype) if wanted else None)
+            feedback.append(network.matrices.project(name, signal, shape, dtype) if wanted else None)
         return (None, None, error if only in (None, TAP) else None, *feedback)
 
 
@@ -96,6 +97,7 @@ class FeedbackNetwork:
         bypass: while True the hooks do nothing: the model runs (and backpropagates) as plain BP.
         estimating: while True (inside `forward_ad.dual_level()`), points add perturbations drawn
             from `generator` to the tangent; `perturbations` and `tangent` hold them afterwards.
+            Under data parallelism (`shard`), each process uses its slice of the global batch's draw.
         aligner: the rule's feedback update (GrAPE's `GrapeAligner`), or None for fixed feedback.
     """
 
@@ -114,6 +116,7 @@ class FeedbackNetwork:
         self.bypass = False
         self.estimating = False
         self.generator: torch.Generator | None = None
+        self.shard = (0, 1)  # (this process, processes): which slice of the global batch's perturbations is ours
         self.perturbations: dict[str, torch.Tensor] = {}  # point -> u_k, the point's shape
         self.tangent: torch.Tensor | None = None  # d = sum_k J_k u_k, the tap's shape
         self.aligner = None  # GrAPE's `GrapeAligner`; None for DFA
@@ -153,6 +156,35 @@ class FeedbackNetwork:
         if model is not None and _INSTALLED.get(model) is self:
             del _INSTALLED[model]
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The rule's state outside the model: `matrices.<point>` (point_features, error_features) and,
+        with an aligner, `aligner.<key>` (see `GrapeAligner.state_dict`)."""
+        state = {f"matrices.{name}": matrix for name, matrix in self.matrices.state_dict().items()}
+        if self.aligner is not None:
+            state.update({f"aligner.{key}": value for key, value in self.aligner.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str | None = None) -> None:
+        """Restore what `state_dict` returned; `source` names the file in later errors."""
+        groups: dict[str, dict[str, torch.Tensor]] = {"matrices": {}, "aligner": {}}
+        for key, value in state.items():
+            group, _, name = key.partition(".")
+            if group not in groups or not name:
+                raise ValueError(f"Unknown feedback state entry {key!r} in {source or 'the state'}: expected "
+                                 "'matrices.<point>' or 'aligner.<key>'.")
+            groups[group][name] = value
+        unknown = set(groups["matrices"]) - set(self.point_names)
+        if unknown:
+            raise ValueError(f"{source or 'The feedback state'} holds matrices for {sorted(unknown)}, which are not "
+                             f"feedback points of this model (its points: {list(self.point_names)}).")
+        if groups["aligner"] and self.aligner is None:
+            raise ValueError(f"{source or 'The feedback state'} holds an aligner's state (GrAPE's, or DFA's with "
+                             "alignment_probe_steps) but this run has no aligner: use the checkpoint's rule and "
+                             "alignment_probe_steps.")
+        self.matrices.load_state_dict(groups["matrices"], source)
+        if self.aligner is not None:
+            self.aligner.load_state_dict(groups["aligner"], source)
+
     def true_alignment(self, forward) -> dict[str, float]:
         """Per point, cos(B_k e, true dL/dh_k) on one batch: a plain BP forward (`forward()` returns
         the loss) whose point tensors and tap are only observed, then one `autograd.grad` of the loss.
@@ -167,13 +199,19 @@ class FeedbackNetwork:
         z = self._observed_z
         self._observed_z = None
         *grads, error = torch.autograd.grad(loss, points + [z])
+        signal = self.point_signal(error)
         cosines = {}
         for name, point, grad in zip(names, points, grads):
             self._matrix_for(name, point, z)
-            feedback = self.matrices.project(name, error, point.shape, torch.float32)
+            feedback = self.matrices.project(name, signal, point.shape, torch.float32)
             cosines[name] = float(torch.nn.functional.cosine_similarity(feedback.flatten(), grad.float().flatten(),
                                                                         dim=0))
         return cosines
+
+    def point_signal(self, error: torch.Tensor) -> torch.Tensor:
+        """What the matrices project to the points: the error `e` (*lead, error_features) itself (DFA,
+        GrAPE); DRTP projects the one-hot target instead."""
+        return error
 
     # Hooks -----------------------------------------------------------------------------------
     def _active(self) -> bool:
@@ -197,9 +235,20 @@ class FeedbackNetwork:
             return tensor
         if not self.estimating:
             return primal.detach()
-        u = torch.randn(primal.shape, generator=self.generator, device=primal.device, dtype=primal.dtype)
+        u = self._perturbation(primal)
         self.perturbations[name] = u
         return fwAD.make_dual(primal.detach(), u if tangent is None else tangent.detach() + u)  # see _cut_tensor
+
+    def _perturbation(self, like: torch.Tensor) -> torch.Tensor:
+        """`u ~ N(0, I)` of `like`'s shape (batch, ...). Each of N processes draws the global batch's
+        (N * batch, ...) and keeps its own slice, so N processes of batch b perturb exactly as one
+        process of batch N * b does (the price: N times the random numbers, one point at a time)."""
+        rank, processes = self.shard
+        shape = (like.shape[0] * processes, *like.shape[1:])
+        u = torch.randn(shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        if processes == 1:
+            return u
+        return u[rank * like.shape[0]:(rank + 1) * like.shape[0]].clone()  # a copy frees the rest of the draw
 
     def _make_cut(self, record_embeddings: bool):
         def cut(module, args, kwargs):
@@ -264,8 +313,9 @@ class FeedbackNetwork:
         return _replace_output_tensor(output, self._tap(_output_tensor(output)))
 
 
-def install(model: nn.Module, args) -> FeedbackNetwork:
+def install(model: nn.Module, args, network_class: type[FeedbackNetwork] = FeedbackNetwork) -> FeedbackNetwork:
     """The points, cuts and tap of `args` (setting or feedback_modules) on `model`, with random
-    matrices of `args.feedback_init` seeded by `args.feedback_seed`: what every feedback rule starts from."""
+    matrices of `args.feedback_init` seeded by `args.feedback_seed`: what every feedback rule starts from
+    (`network_class`: a subclass that changes what the hub projects, as DRTP's)."""
     placement = resolve_placement(model, args)
-    return FeedbackNetwork(model, placement, FeedbackMatrices(args.feedback_init, args.feedback_seed))
+    return network_class(model, placement, FeedbackMatrices(args.feedback_init, args.feedback_seed))

@@ -2,18 +2,23 @@
 
 The training step is the Trainer's own: the rule's points and error tap make the one
 `accelerator.backward(loss)` deliver the rule's gradients, so loss scaling, gradient
-accumulation, clipping, logging and checkpoints are untouched.
+accumulation, clipping, logging and checkpoints are untouched. Checkpoints add the rule's
+state in `feedback.safetensors` (`grape_hf.checkpoint`), and resuming restores it.
 """
 
 import contextlib
+import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from .arguments import GrapeTrainingArguments
 from .audit import LocalityReport, audit_network
 from .callbacks import AlignmentPlotCallback
+from .checkpoint import load_feedback, save_feedback
 from .metrics import RunningMeans
+from .model_card import write_model_card
 from .points import FeedbackNetwork
 from .rules import RULES
 
@@ -38,8 +43,17 @@ class GrapeTrainer(Trainer):
         self._feedback_step = -1  # optimizer step of the last feedback-aware forward
         self._true_alignment = RunningMeans("true_alignment")  # the probe's cosines since the last log
         super().__init__(model, args, *positional, **kwargs)
+        if self.is_fsdp_enabled and args.rule != "bp":
+            raise NotImplementedError(
+                f"FSDP does not work with rule={args.rule!r} yet: FSDP frees each wrapped block's gathered parameters "
+                "after its forward and gathers them again from hooks on the block's output tensors when the backward "
+                "reaches them, and the rule's feedback points and cuts detach exactly those tensors, so the feedback's "
+                "backward would run on freed parameters. Use data parallelism without FSDP (accelerate launch "
+                "--multi_gpu, DDP), or rule='bp'."
+            )
         if args.rule != "bp":
             self.add_callback(AlignmentPlotCallback)
+            self.add_callback(UndoSkippedFeedbackCallback(self))
         if self.model_init is None:  # with model_init, call_model_init installs it on each new model
             self._install_feedback(self.model)
 
@@ -47,6 +61,20 @@ class GrapeTrainer(Trainer):
         if self.feedback is not None:
             self.feedback.remove()
         self.feedback = RULES[self.args.rule](model, self.args)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint plus `feedback.safetensors` (written first, so a checkpoint that has
+        the Trainer's state also has the feedback's; one process writes it: all hold the same)."""
+        if self.feedback is not None and self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_feedback(self.feedback, self.args, os.path.join(self._get_output_dir(trial=trial), folder))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's weights, then the rule's feedback state (`grape_hf.checkpoint.load_feedback`
+        raises rather than resume with fresh feedback)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_feedback(self.feedback, self.args, resume_from_checkpoint)
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
@@ -67,6 +95,13 @@ class GrapeTrainer(Trainer):
             cosines = self.feedback.true_alignment(lambda: Trainer.compute_loss(self, unwrapped, inputs))
             self._true_alignment.add(cosines)
         with self._feedback_forward(step, first_micro_batch):
+            # A rule whose training step is more than one forward (PEPITA: a second, modulated pass)
+            # runs the Trainer's own loss itself, through `training_forward(forward, inputs)`.
+            training_forward = getattr(self.feedback, "training_forward", None)
+            if training_forward is not None and not self.feedback.bypass:
+                loss, outputs = training_forward(
+                    lambda batch: Trainer.compute_loss(self, model, batch, True, num_items_in_batch), inputs)
+                return (loss, outputs) if return_outputs else loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     @contextlib.contextmanager
@@ -95,6 +130,33 @@ class GrapeTrainer(Trainer):
             logs = {**logs, **self._true_alignment.pop()}
         super().log(logs, start_time)
 
+    _model_card_kwargs: dict = {}  # the card's arguments given so far; later saves reuse them
+
+    def create_model_card(self, command: str | None = None, **kwargs) -> None:
+        """Write the grape_hf model card (`grape_hf.model_card`) as `output_dir/README.md`; `push_to_hub` calls it.
+
+        Takes `Trainer.create_model_card`'s arguments (`dataset`: the data set really used, in words;
+        `dataset_tags`/`dataset_args`: its Hub id and config, only when the Hub data set itself was used;
+        `tags`, `tasks`, `language`, `license`, ...) and `command` (default: this process's command line).
+        They are kept: the cards written by later saves and checkpoints carry them too.
+        """
+        if command is not None:
+            kwargs["command"] = command
+        self._model_card_kwargs = {**self._model_card_kwargs, **kwargs}
+        if self.is_world_process_zero():
+            write_model_card(self, self.args.output_dir, **self._model_card_kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, plus the model card (README.md) beside the weights, in checkpoints too."""
+        super().save_model(output_dir, _internal_call)
+        if not self.args.should_save:
+            return
+        folders = {output_dir or self.args.output_dir}
+        if self.args.push_to_hub and self.args.hub_strategy != HubStrategy.END:
+            folders.add(self.args.output_dir)  # a checkpoint's push uploads output_dir too (weights copied there)
+        for folder in folders:
+            write_model_card(self, folder, **self._model_card_kwargs)
+
     def audit_locality(self, batch: dict | None = None, raise_on_leak: bool = True) -> LocalityReport:
         """Run the locality audit (see `grape_hf.audit`) on `batch`, or on the first training batch."""
         if self.feedback is None:
@@ -102,3 +164,16 @@ class GrapeTrainer(Trainer):
         if batch is None:
             batch = next(iter(self.get_train_dataloader()))
         return audit_network(self.model, self.feedback, self._prepare_inputs(batch), raise_on_leak)
+
+
+class UndoSkippedFeedbackCallback(TrainerCallback):
+    """When the optimizer step was skipped (fp16's GradScaler found inf/nan gradients), undo that
+    step's feedback update too, so the matrices stay those the model was trained with."""
+
+    def __init__(self, trainer: GrapeTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        feedback = self.trainer.feedback
+        if feedback is not None and feedback.aligner is not None:
+            feedback.aligner.end_step(skipped=self.trainer.accelerator.optimizer_step_was_skipped)

@@ -224,7 +224,7 @@ def test_true_alignment_probe_logs_and_changes_nothing(tmp_path):
     probed, with_probe = train_weights(tmp_path / "probe", GrapeTrainer, rule="dfa", alignment_probe_steps=1,
                                        logging_steps=1)
     _, without = train_weights(tmp_path / "none", GrapeTrainer, rule="dfa")
-    # Not bitwise: on probe steps DFA's forward runs dual (for cos(B, T)), with attention on SDPA's MATH kernel.
+    # Not bitwise: on probe steps DFA's forward runs dual (for cos(B, T)), on grape_hf's forward-AD attention.
     for k in without:
         torch.testing.assert_close(with_probe[k], without[k], rtol=1e-5, atol=1e-6)
     logs = [e for e in probed.state.log_history if "true_alignment/mean" in e]

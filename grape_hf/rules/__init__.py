@@ -1,6 +1,8 @@
-"""The learning rules, one file each. `RULES[name](model, args)` installs the rule's feedback on
-`model` and returns its `FeedbackNetwork`, or None for plain backpropagation."""
+"""The learning rules, one file each. `RULES[name](model, args)` installs the rule on `model` and returns
+the object the trainer drives (a `FeedbackNetwork` for the error-hub rules dfa, grape and drtp; a
+`HookedRule` for fa and pepita), or None for plain backpropagation."""
 
-from . import bp, dfa, grape
+from . import bp, dfa, drtp, fa, grape, pepita
 
-RULES = {"bp": bp.build, "dfa": dfa.build, "grape": grape.build}
+RULES = {"bp": bp.build, "dfa": dfa.build, "grape": grape.build, "fa": fa.build, "drtp": drtp.build,
+         "pepita": pepita.build}

@@ -17,10 +17,11 @@ import contextlib
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from accelerate import PartialState
 from accelerate.utils import reduce
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..feedback import point_seed
+from ..forward_ad import forward_ad_attention
 from ..metrics import RunningMeans
 from ..points import FeedbackNetwork, install
 
@@ -62,23 +63,6 @@ def align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float, alignment:
     cos = (unit * unit_target).sum(dim=dim, keepdim=dim is not None)
     stepped = unit + lr * (unit_target - cos * unit)
     return stepped / stepped.norm(dim=dim, keepdim=dim is not None).clamp_min(EPS) * norm
-
-
-@contextlib.contextmanager
-def forward_ad_attention(model):
-    """Attention on kernels with forward-AD formulas: SDPA's MATH backend, or eager attention for
-    other implementations (flash, flex), switched back afterwards."""
-    config = getattr(model, "config", None)
-    chosen = getattr(config, "_attn_implementation", None)
-    switch = chosen not in (None, "eager", "sdpa") and hasattr(model, "set_attn_implementation")
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        if switch:
-            model.set_attn_implementation(chosen)
 
 
 def _failing_module(error: BaseException, model) -> str:
@@ -141,6 +125,8 @@ class GrapeAligner:
         self.targets: dict[str, torch.Tensor] = {}  # smoothed estimates of J_k^T
         self.estimates_seen = 0  # for the cumulative moving average
         self.cosines = RunningMeans("alignment")  # cos(B_k, T_k) of this step's estimates, since the last log
+        self._generator_state: torch.Tensor | None = None  # from a checkpoint, applied when the generator is made
+        self._before_update = None  # (matrices, targets, estimates_seen) before this step's update: `end_step`
 
     @contextlib.contextmanager
     def aligned_forward(self, model, step: int):
@@ -152,8 +138,7 @@ class GrapeAligner:
                 self.update({})
             return
         network = self.network
-        if network.generator is None or network.generator.device != model.device:
-            network.generator = torch.Generator(device=model.device).manual_seed(self.seed)
+        self._prepare_generator(model.device)
         with estimating_forward(network, model):
             yield
         if network.tangent is None:
@@ -170,19 +155,82 @@ class GrapeAligner:
     def update(self, estimates: dict[str, torch.Tensor]) -> None:
         """Smooth `estimates` into `targets` and take one alignment step of every matrix towards
         its target. With no estimates, step towards the smoothed targets."""
+        matrices = self.network.matrices.tensors
+        # Every step below replaces tensors, never writes into them: keeping references is a full snapshot.
+        self._before_update = (dict(matrices), dict(self.targets), self.estimates_seen)
         if estimates:
             self.estimates_seen += 1
         for name, estimate in estimates.items():
             previous = self.targets.get(name)
+            previous = previous if previous is None else previous.to(estimate.device)
             if previous is None or self.smoothing == "none":
                 self.targets[name] = estimate
             elif self.smoothing == "cma":
                 self.targets[name] = previous + (estimate - previous) / self.estimates_seen
             else:
                 self.targets[name] = self.decay * previous + (1 - self.decay) * estimate
-        matrices = self.network.matrices.tensors
         for name, target in self.targets.items():
+            target = self.targets[name] = target.to(matrices[name].device)  # loaded from a checkpoint on CPU
             matrices[name] = align_step(matrices[name], target, self.lr, self.alignment)
+
+    def end_step(self, skipped: bool) -> None:
+        """Close the optimizer step of the last `update`: keep the update or, when the optimizer
+        skipped the step (fp16 overflow), restore the matrices and smoothing state from before it,
+        so the feedback stays in step with the model. The perturbation generator is not rewound:
+        the next estimate draws fresh perturbations."""
+        if skipped and self._before_update is not None:
+            matrices, targets, estimates_seen = self._before_update
+            self.network.matrices.tensors = dict(matrices)
+            self.targets = dict(targets)
+            self.estimates_seen = estimates_seen
+        self._before_update = None
+
+    def _prepare_generator(self, device: torch.device) -> None:
+        """Give the network its perturbation generator on `device` (seeded, or in a checkpoint's
+        state) and this process's slice of the global batch (`FeedbackNetwork.shard`)."""
+        network = self.network
+        state = PartialState()
+        network.shard = (state.process_index, state.num_processes)
+        if network.generator is not None and network.generator.device == device:
+            return
+        saved, self._generator_state = self._generator_state, None
+        network.generator = torch.Generator(device=device).manual_seed(self.seed)
+        if saved is not None:
+            try:
+                network.generator.set_state(saved)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"The saved perturbation generator state ({saved.numel()} bytes) does not fit a generator on "
+                    f"{device} ({error}): GrAPE resumes exactly only on the device type it was saved on. Resume "
+                    "on that device type, or start a fresh run."
+                ) from error
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """`targets.<point>` (smoothed estimates, (point_features, error_features)), `estimates_seen`
+        (a 0-d int64) and, once an estimate was drawn, `generator` (the perturbation generator's
+        uint8 state)."""
+        state = {f"targets.{name}": target for name, target in self.targets.items()}
+        state["estimates_seen"] = torch.tensor(self.estimates_seen, dtype=torch.int64)
+        generator = self.network.generator
+        if generator is not None:
+            state["generator"] = generator.get_state()
+        elif self._generator_state is not None:
+            state["generator"] = self._generator_state
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str | None = None) -> None:
+        """Restore what `state_dict` returned; the generator state is applied when the next estimate
+        makes the generator on the model's device."""
+        known = {"estimates_seen", "generator"}
+        unknown = [key for key in state if key not in known and not key.startswith("targets.")]
+        if unknown:
+            raise ValueError(f"Unknown aligner state {unknown} in {source or 'the state'}.")
+        self.targets = {key.removeprefix("targets."): value for key, value in state.items()
+                        if key.startswith("targets.")}
+        self.estimates_seen = int(state["estimates_seen"]) if "estimates_seen" in state else 0
+        self._generator_state = state.get("generator")
+        self.network.generator = None
+        self._before_update = None
 
 
 def build(model, args) -> FeedbackNetwork:

@@ -1,0 +1,220 @@
+"""The model card (README.md) written beside the weights on `save_model` and `push_to_hub`.
+
+The Trainer's own card facts (metadata, hyperparameters, eval results and the training-results
+table, all from `transformers.modelcard.TrainingSummary`) plus what grape_hf knows (the rule, the
+setting, the feedback hyperparameters, the last logged alignment figures, the command line and
+versions) are rendered into a template of `grape_hf/model_cards/` with `huggingface_hub.ModelCard`,
+which also checks the metadata the Hub will read.
+"""
+
+import dataclasses
+import importlib.metadata
+import logging
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import torch
+import transformers
+from huggingface_hub import ModelCard, ModelCardData
+from transformers import TrainingArguments
+from transformers.modelcard import TrainingSummary, make_markdown_table
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .callbacks import PLOT_FILE
+from .rules import RULES
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).parent / "model_cards"
+TASKS = {"causal_lm": "text-generation", "image_classification": "image-classification"}
+CARD_NAME = "README.md"
+
+RULE_TITLES = {
+    "bp": "backpropagation (BP)",
+    "dfa": "Direct Feedback Alignment (DFA, Nøkland 2016)",
+    "grape": "GrAPE (Gradient-Aligned Projected Error: DFA with feedback aligned to forward-mode Jacobian estimates)",
+    "fa": "Feedback Alignment (FA, Lillicrap et al. 2016)",
+    "drtp": "Direct Random Target Projection (DRTP, Frenkel et al. 2021)",
+    "pepita": "PEPITA (Dellaferrera & Kreiman 2022)",
+}
+ALIGNMENT_PREFIXES = ("alignment", "true_alignment")
+SECRET_FLAGS = ("--hub_token",)  # never copied into a card that may be public
+
+
+def template_kind(model) -> str | None:
+    """'image_classification' (input `pixel_values`), 'causal_lm' (a causal LM class), or None (no template)."""
+    if getattr(model, "main_input_name", None) == "pixel_values":
+        return "image_classification"
+    name = type(model).__name__
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    return None
+
+
+def feedback_hyperparameters(args) -> dict[str, object]:
+    """The fields `GrapeTrainingArguments` adds to `TrainingArguments` that matter for `args.rule`, set
+    ones only. A field whose help starts with a rule's name ("GrAPE: ...") belongs to that rule only;
+    'bp' has no feedback, so none."""
+    if args.rule == "bp":
+        return {}
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    values = {}
+    for f in dataclasses.fields(args):
+        if f.name in trainer_fields or f.name in ("rule", "setting") or getattr(args, f.name) is None:
+            continue  # rule and setting have their own rows; None means "resolved from the model" (shown apart)
+        owner = f.metadata.get("help", "").split(":", 1)[0].lower()
+        if owner in RULES and owner != args.rule:
+            continue
+        values[f.name] = getattr(args, f.name)
+    return values
+
+
+def last_alignment(log_history: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """The last logged value of every `alignment/<point>` and `true_alignment/<point>`.
+
+    Returns:
+        (rows, steps): one row per point in logging order ("mean" last), `{"point": name,
+        "alignment": float | None, "true_alignment": float | None}`, and for each prefix the step
+        of its last log line.
+    """
+    values: dict[str, dict[str, float]] = {}
+    steps: dict[str, int] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            prefix, _, point = key.partition("/")
+            if prefix in ALIGNMENT_PREFIXES and point:
+                values.setdefault(point, {})[prefix] = value
+                steps[prefix] = entry.get("step")
+    order = [point for point in values if point != "mean"] + (["mean"] if "mean" in values else [])
+    rows = [{"point": point, **{prefix: values[point].get(prefix) for prefix in ALIGNMENT_PREFIXES}} for point in order]
+    return rows, steps
+
+
+def command_line(args, argv: list[str] | None = None) -> str:
+    """The command that started this process (`sys.argv`), as a shell line, with secrets masked.
+
+    A script (`*.py`) is prefixed with `python`, or with `accelerate launch --num_processes N` when
+    several processes trained."""
+    argv = list(sys.argv if argv is None else argv)
+    masked = []
+    for i, arg in enumerate(argv):
+        flag = arg.split("=", 1)[0]
+        if flag in SECRET_FLAGS and "=" in arg:
+            arg = f"{flag}=***"
+        elif i > 0 and argv[i - 1] in SECRET_FLAGS:
+            arg = "***"
+        masked.append(arg)
+    line = shlex.join(masked)
+    if masked and masked[0].endswith(".py"):
+        launcher = f"accelerate launch --num_processes {args.world_size}" if args.world_size > 1 else "python"
+        line = f"{launcher} {line}"
+    return line
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def render_model_card(trainer, output_dir: str | None = None, command: str | None = None,
+                      **summary_kwargs) -> ModelCard | None:
+    """The card of `trainer`'s model and run, or None (with a warning) for a model with no template.
+
+    Args:
+        trainer: a `GrapeTrainer` (its args, model, feedback and `state.log_history` are read).
+        output_dir: where the card goes (default `args.output_dir`); it shows the alignment plot found there.
+        command: how the run was started; default: this process's `sys.argv` (see `command_line`).
+        **summary_kwargs: `Trainer.create_model_card`'s arguments (`model_name`, `dataset`,
+            `dataset_tags`, `dataset_args`, `tags`, `tasks`, `language`, `license`, `finetuned_from`).
+            `dataset` is the data set really used, in words (e.g. a fallback); `dataset_tags` its Hub
+            id, only when the Hub data set itself was used.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    kind = template_kind(model)
+    if kind is None:
+        logger.warning(f"No grape_hf model card template for {type(model).__name__} (templates: causal LMs and "
+                       "image classifiers); no README.md written.")
+        return None
+    args = trainer.args
+    tags = summary_kwargs.pop("tags", None) or []
+    tags = [tags] if isinstance(tags, str) else list(tags)
+    tags += [tag for tag in ("grape_hf", args.rule, "backpropagation-free" if args.rule != "bp" else None)
+             if tag and tag not in tags]
+    summary_kwargs.setdefault("tasks", TASKS[kind])
+    summary_kwargs.setdefault("dataset_metadata", [])  # no guessed config/split ("None") in the Hub metadata
+    if summary_kwargs.get("dataset_tags") is None:
+        # Never guess the data set from the `datasets` builder: a fallback would be named as the Hub data set.
+        summary_kwargs.update(dataset_tags=[], dataset_args=[])
+    summary = TrainingSummary.from_trainer(trainer, tags=tags, **summary_kwargs)
+    metadata = summary.create_metadata()
+    metadata["pipeline_tag"] = TASKS[kind]
+
+    eval_results = summary.eval_results or {}
+    train_losses = [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]
+    alignment, alignment_steps = last_alignment(trainer.state.log_history)
+    feedback = trainer.feedback
+    template_vars = dict(
+        model_name=summary.model_name,
+        repo_id=getattr(trainer, "hub_model_id", None) or args.hub_model_id or summary.model_name,
+        model_class=type(model).__name__,
+        grape_hf_model=type(model).__module__.startswith("grape_hf"),
+        num_parameters=model.num_parameters(),
+        has_processor=trainer.processing_class is not None,
+        finetuned_from=summary.finetuned_from or None,
+        dataset=_as_text(summary.dataset),
+        rule=args.rule,
+        rule_title=RULE_TITLES.get(args.rule, args.rule),
+        setting=args.setting,
+        points=list(feedback.placement.point_names) if feedback is not None else [],
+        error_point=feedback.placement.error_point if feedback is not None else None,
+        tap_module=feedback.placement.tap_module if feedback is not None else None,
+        feedback_hyperparameters=feedback_hyperparameters(args),
+        hyperparameters=summary.hyperparameters,
+        global_step=trainer.state.global_step,
+        train_loss=train_losses[-1] if train_losses else None,
+        eval_results=eval_results,
+        perplexity=_perplexity(eval_results.get("Loss")) if kind == "causal_lm" else None,
+        results_table=make_markdown_table(summary.eval_lines) if summary.eval_lines else "",
+        alignment=alignment,
+        alignment_steps=alignment_steps,
+        alignment_plot=PLOT_FILE if os.path.isfile(os.path.join(output_dir or args.output_dir, PLOT_FILE)) else None,
+        command=command if command is not None else command_line(args),
+        versions={"grape_hf": _version("grape_hf"), "Transformers": transformers.__version__,
+                  "PyTorch": torch.__version__, "Datasets": datasets.__version__,
+                  "huggingface_hub": huggingface_hub.__version__},
+    )
+    return ModelCard.from_template(ModelCardData(**metadata), template_path=TEMPLATE_DIR / f"{kind}.md",
+                                   **template_vars)
+
+
+def write_model_card(trainer, output_dir: str, **kwargs) -> str | None:
+    """Render the card (see `render_model_card`) and save it as `output_dir/README.md`; returns its path."""
+    card = render_model_card(trainer, output_dir, **kwargs)
+    if card is None:
+        return None
+    path = os.path.join(output_dir, CARD_NAME)
+    os.makedirs(output_dir, exist_ok=True)
+    card.save(path)
+    return path
+
+
+def _as_text(dataset) -> str | None:
+    if not dataset:
+        return None
+    return dataset if isinstance(dataset, str) else "; ".join(str(name) for name in dataset)
+
+
+def _perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
