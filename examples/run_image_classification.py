@@ -29,6 +29,8 @@ accuracy and loss in `eval_results.json` (the validation split if the data set h
 test split) and `test_results.json` (the test split, the number the paper reports), and
 `run_info.json` with the data set really used and its normalisation. Accuracy is computed by the
 `evaluate` metric module shipped in `grape_hf/eval_metrics/accuracy` (loaded by path: works offline).
+The model card `README.md` names the rule, its feedback settings, the data, the metrics and this command;
+`--push_to_hub --hub_model_id user/name` sends it with the model.
 """
 
 import argparse
@@ -47,7 +49,7 @@ from transformers import HfArgumentParser, PreTrainedModel, set_seed
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
 from grape_hf.eval_metrics import load_metric
-from grape_hf.image_data import ImageData, load_image_dataset
+from grape_hf.image_data import HUB_ALIASES, ImageData, load_image_dataset
 from grape_hf.models import MODEL_NAMES, build_image_model
 
 logger = logging.getLogger(__name__)
@@ -262,6 +264,17 @@ def main(argv: list[str] | None = None):
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, {**metrics, "split": split, "dataset": data.description})
         results[prefix] = {**metrics, "split": split}
+
+    # The model card (README.md beside the model) names the data really used, and its Hub id only when the
+    # Hub data set itself was loaded (not the embedded MNIST, not a local folder).
+    card = {"dataset": data.description}
+    if " from the Hugging Face Hub " in data.description:
+        card.update(dataset_tags=HUB_ALIASES.get(data_args.dataset_name, data_args.dataset_name),
+                    dataset_args=data_args.dataset_config_name)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
 
     if trainer.is_world_process_zero():
         run_info = {

@@ -42,3 +42,17 @@ class AlignmentPlotCallback(TrainerCallback):
         fig.tight_layout()
         fig.savefig(os.path.join(args.output_dir, PLOT_FILE), dpi=120)
         plt.close(fig)
+
+
+class UndoSkippedFeedbackCallback(TrainerCallback):
+    """When the optimizer step was skipped (fp16's GradScaler found inf/nan gradients), undo that
+    step's feedback update too, so the matrices stay those the model was trained with. `trainer`:
+    the `GrapeTrainer` (its accelerator knows whether the step was skipped)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        feedback = self.trainer.feedback
+        if feedback is not None and feedback.aligner is not None:
+            feedback.aligner.end_step(skipped=self.trainer.accelerator.optimizer_step_was_skipped)

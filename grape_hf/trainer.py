@@ -10,12 +10,12 @@ import contextlib
 import os
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from .arguments import GrapeTrainingArguments
 from .audit import LocalityReport, audit_network
-from .callbacks import AlignmentPlotCallback
+from .callbacks import AlignmentPlotCallback, UndoSkippedFeedbackCallback
 from .checkpoint import load_feedback, save_feedback
 from .metrics import RunningMeans
 from .model_card import write_model_card
@@ -42,6 +42,7 @@ class GrapeTrainer(Trainer):
         self.feedback: FeedbackNetwork | None = None
         self._feedback_step = -1  # optimizer step of the last feedback-aware forward
         self._true_alignment = RunningMeans("true_alignment")  # the probe's cosines since the last log
+        self._model_card_kwargs: dict = {}  # the card's arguments given so far; later saves reuse them
         super().__init__(model, args, *positional, **kwargs)
         if self.is_fsdp_enabled and args.rule != "bp":
             raise NotImplementedError(
@@ -130,8 +131,6 @@ class GrapeTrainer(Trainer):
             logs = {**logs, **self._true_alignment.pop()}
         super().log(logs, start_time)
 
-    _model_card_kwargs: dict = {}  # the card's arguments given so far; later saves reuse them
-
     def create_model_card(self, command: str | None = None, **kwargs) -> None:
         """Write the grape_hf model card (`grape_hf.model_card`) as `output_dir/README.md`; `push_to_hub` calls it.
 
@@ -165,15 +164,3 @@ class GrapeTrainer(Trainer):
             batch = next(iter(self.get_train_dataloader()))
         return audit_network(self.model, self.feedback, self._prepare_inputs(batch), raise_on_leak)
 
-
-class UndoSkippedFeedbackCallback(TrainerCallback):
-    """When the optimizer step was skipped (fp16's GradScaler found inf/nan gradients), undo that
-    step's feedback update too, so the matrices stay those the model was trained with."""
-
-    def __init__(self, trainer: GrapeTrainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        feedback = self.trainer.feedback
-        if feedback is not None and feedback.aligner is not None:
-            feedback.aligner.end_step(skipped=self.trainer.accelerator.optimizer_step_was_skipped)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.forward_ad import ATTENTION, Softmax, attention_forward
+from grape_hf.forward_ad import ATTENTION, Affine, Softmax, attention_forward, estimating_kernels
 from tiny_models import tiny_gpt2, token_batch
 
 
@@ -57,6 +57,30 @@ def test_softmax_keeps_no_tangent_graph_into_the_backward():
     plain = saved_bytes(lambda: torch.softmax(x @ w, -1))
     assert saved_bytes(lambda: dual(lambda h: Softmax.apply(h, -1))) == plain
     assert saved_bytes(lambda: dual(lambda h: torch.softmax(h, -1))) > plain  # the leak this module avoids
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_affine_matches_torch_values_gradients_and_jvp(transposed):
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 12, 5, generator=g, dtype=torch.float64).unbind(0)
+    weight = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = weight if transposed else weight.T
+
+    def reference(v):
+        return F.linear(v, weight, bias) if transposed else torch.addmm(bias, v, w)
+
+    x.requires_grad_(True)
+    ours, theirs = Affine.apply(x, w, bias, transposed), reference(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (x, weight, bias), grad), torch.autograd.grad(theirs, (x, weight, bias), grad)):
+        torch.testing.assert_close(a, b)
+    with fwAD.dual_level(), estimating_kernels(nn.Module()):  # routes F.linear / torch.addmm to Affine
+        dual = reference(fwAD.make_dual(x.detach(), t))
+        assert type(dual.grad_fn).__name__.startswith("Affine")
+        tangent = fwAD.unpack_dual(dual).tangent
+    torch.testing.assert_close(tangent, t @ (weight.T if transposed else w))
 
 
 class Attention(nn.Module):

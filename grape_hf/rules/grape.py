@@ -21,7 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 
 from ..feedback import point_seed
-from ..forward_ad import forward_ad_attention
+from ..forward_ad import estimating_kernels
 from ..metrics import RunningMeans
 from ..points import FeedbackNetwork, install
 
@@ -82,7 +82,7 @@ def _failing_module(error: BaseException, model) -> str:
 def estimating_forward(network: FeedbackNetwork, model):
     """Run the forward inside with dual tensors: points perturb tangents (drawn from
     `network.generator`, the global RNG if None), the tap keeps `network.tangent`."""
-    with fwAD.dual_level(), forward_ad_attention(model):
+    with fwAD.dual_level(), estimating_kernels(model):
         network.estimating = True
         try:
             yield
