@@ -130,6 +130,6 @@ def test_estimating_forward_restores_attention_and_holds_no_more_than_dfa(tmp_pa
         held[rule] = saved_bytes(lambda: trainer.compute_loss(model, batch))
         assert model.config._attn_implementation == implementation
     assert ATTENTION != implementation
-    # GrAPE's dual forward may hold a few small extras, never activations' worth. (Not Llama: torch's SiLU
-    # forward-AD formula keeps one extra MLP-sized tensor per layer into the backward.)
+    # GrAPE's dual forward may hold a few small extras, never activations' worth. (Not yet Llama: 1.17x on
+    # a tiny one, tangent-op tensors of its MLP stay alive; see the README's speed section.)
     assert held["grape"] <= 1.05 * held["dfa"], held
