@@ -17,6 +17,7 @@ from torch import nn
 from .points import TAP, FeedbackNetwork
 from .rules import RULES
 from .rules.grape import estimating_forward
+from .rules.hooked import not_applicable
 
 
 class LocalityError(AssertionError):
@@ -68,6 +69,8 @@ def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict,
         batch: keyword inputs of `model` (tensors on the model's device), e.g. input_ids (B, T).
         raise_on_leak: raise `LocalityError` naming the leaking parameters (default) or only report.
     """
+    if not isinstance(network, FeedbackNetwork):  # FA, PEPITA: hooks on every layer, no segment to isolate
+        raise not_applicable(network.rule, "feedback points to audit", network.audit_reason)
     params = [p for p in model.parameters() if p.requires_grad]
     holders = _holders(model)
     captured = []

@@ -130,8 +130,8 @@ class _EstimatingOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if args and isinstance(args[0], torch.Tensor) and torch.is_autocast_enabled(args[0].device.type):
-            return func(*args, **kwargs)  # autocast casts inside the native op only: keep it (bf16, fp16)
+        if func not in (F.linear, torch.addmm) or torch.is_autocast_enabled(args[0].device.type):
+            return func(*args, **kwargs)  # autocast casts inside the native ops only: keep them (bf16, fp16)
         if func is F.linear and not kwargs:
             x, weight, bias = (*args, None)[:3] if len(args) == 2 else args
             if _has_tangent(x) and not _has_tangent(weight) and not _has_tangent(bias):

@@ -34,6 +34,23 @@ TAP = "error tap"  # source name of the tap's own error in audits
 _INSTALLED: "weakref.WeakKeyDictionary[nn.Module, FeedbackNetwork]" = weakref.WeakKeyDictionary()
 
 
+def claim(model: nn.Module, owner) -> None:
+    """Record that `owner` (a rule's installed hooks) holds `model`; refuse a second owner."""
+    if model in _INSTALLED:
+        raise RuntimeError(
+            f"This {type(model).__name__} already carries grape_hf feedback (from another GrapeTrainer or "
+            "audit); two sets of hooks would compute neither rule. Call `.feedback.remove()` on the trainer "
+            "that installed it first, or build a fresh model."
+        )
+    _INSTALLED[model] = owner
+
+
+def release(model: nn.Module | None, owner) -> None:
+    """Undo `claim` (`model` None: already garbage-collected)."""
+    if model is not None and _INSTALLED.get(model) is owner:
+        del _INSTALLED[model]
+
+
 class ErrorHub(torch.autograd.Function):
     """Forward: `z` unchanged. Backward: `e` for `z`, `B_k e` for each point tensor."""
 
@@ -102,13 +119,7 @@ class FeedbackNetwork:
     """
 
     def __init__(self, model: nn.Module, placement: Placement, matrices: FeedbackMatrices):
-        if model in _INSTALLED:
-            raise RuntimeError(
-                f"This {type(model).__name__} already carries grape_hf feedback (from another GrapeTrainer or "
-                "audit); two sets of hooks would compute neither rule. Call `.feedback.remove()` on the trainer "
-                "that installed it first, or build a fresh model."
-            )
-        _INSTALLED[model] = self
+        claim(model, self)
         self._model = weakref.ref(model)
         self.placement = placement
         self.matrices = matrices
@@ -152,9 +163,7 @@ class FeedbackNetwork:
             handle.remove()
         self._handles.clear()
         self._recorded.clear()
-        model = self._model()
-        if model is not None and _INSTALLED.get(model) is self:
-            del _INSTALLED[model]
+        release(self._model(), self)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The rule's state outside the model: `matrices.<point>` (point_features, error_features) and,

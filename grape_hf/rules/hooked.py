@@ -12,7 +12,7 @@ from torch import nn
 
 from ..feedback import FeedbackMatrices
 from ..placement import Placement
-from ..points import _INSTALLED
+from ..points import claim, release
 
 
 def not_applicable(rule: str, what: str, why: str) -> ValueError:
@@ -23,7 +23,7 @@ def not_applicable(rule: str, what: str, why: str) -> ValueError:
 class HookedRule:
     """Hooks on `model` and the random matrices they use.
 
-    Subclasses set `rule` (its name) and `audit_reason`, fill `point_names` (the matrices' names, in
+    Subclasses set `rule` (its name) and `audit_reason` (why `audit_network` refuses them), fill `point_names` (the matrices' names, in
     forward order) and `placement` (the layers the rule trains and the output layer, for model cards),
     and register their hooks with `hook`.
 
@@ -37,13 +37,7 @@ class HookedRule:
     audit_reason = ""
 
     def __init__(self, model: nn.Module, matrices: FeedbackMatrices):
-        if model in _INSTALLED:
-            raise RuntimeError(
-                f"This {type(model).__name__} already carries grape_hf feedback (from another GrapeTrainer or audit); "
-                "two sets of hooks would compute neither rule. Call `.feedback.remove()` on the trainer that "
-                "installed it first, or build a fresh model."
-            )
-        _INSTALLED[model] = self
+        claim(model, self)
         self._model = weakref.ref(model)
         self.matrices = matrices
         self.bypass = False
@@ -69,9 +63,7 @@ class HookedRule:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        model = self._model()
-        if model is not None and _INSTALLED.get(model) is self:
-            del _INSTALLED[model]
+        release(self._model(), self)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`matrices.<name>`: the matrices created so far."""
@@ -87,16 +79,6 @@ class HookedRule:
                                  f"{self.rule!r} holds 'matrices.<name>' for {list(self.point_names)}.")
             matrices[name] = value
         self.matrices.load_state_dict(matrices, source)
-
-    @property
-    def audit_source(self) -> None:
-        return None
-
-    @audit_source.setter
-    def audit_source(self, source: str | None) -> None:
-        # The locality audit selects one source at a time through this switch: refuse it, with the reason.
-        if source is not None:
-            raise not_applicable(self.rule, "feedback points to audit", self.audit_reason)
 
     def true_alignment(self, forward):
         raise not_applicable(self.rule, "alignment probe", "it projects no error to feedback points; set "
