@@ -38,7 +38,7 @@ RULE_ORDER = ("bp", "fa", "drtp", "dfa", "pepita", "grape")
 RULE_LABELS = {"bp": "BP", "fa": "FA", "drtp": "DRTP", "dfa": "DFA", "pepita": "PEPITA", "grape": "GrAPE"}
 MLP_ONLY = {"pepita"}  # no convolutional version
 
-# The paper's Table 1, test accuracy in % (DESIGN.md section 4).
+# The GrAPE paper's Table 1, test accuracy in % (its section 4).
 PAPER = {
     "mnist_mlp": {"bp": 98.73, "fa": 98.36, "drtp": 95.7, "dfa": 98.21, "pepita": 98.01, "grape": 98.35},
     "mnist_cnn": {"bp": 99.03, "fa": 98.7, "drtp": 98.5, "dfa": 98.6, "grape": 98.7},

@@ -28,7 +28,7 @@ VARIANTS = {  # name -> GrapeTrainingArguments overrides
     "bp": dict(rule="bp"),
     "dfa": dict(rule="dfa"),
     "grape": dict(rule="grape"),
-    "grape/4": dict(rule="grape", feedback_update_steps=4, feedback_smoothing="ema"),
+    "grape/4": dict(rule="grape", grape_update_steps=4, grape_smoothing="ema"),
 }
 
 

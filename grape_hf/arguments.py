@@ -1,19 +1,35 @@
 """`GrapeTrainingArguments`: `TrainingArguments` plus the learning rule and where its feedback goes.
 
 Every field is a command-line flag through `HfArgumentParser` (`--rule dfa --setting micro`).
+Each field's metadata names the rules it applies to (`"rules"`): the model card shows a run's
+fields for its rule only. GrAPE's own fields start with `grape_`, PEPITA's with `pepita_`.
 """
 
+import dataclasses
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .rules import RULES
-
+RULE_NAMES = ("bp", "dfa", "grape", "fa", "drtp", "pepita")
+FEEDBACK_RULES = RULE_NAMES[1:]  # every rule but bp
+DIRECT_RULES = ("dfa", "grape", "drtp")  # one error projected to feedback points (grape_hf.direct)
 SETTINGS = ("macro", "micro")
 FEEDBACK_INITS = ("normal", "uniform", "kaiming_uniform")
 ERROR_POINTS = ("head_input", "logits")
 ALIGNMENTS = ("frobenius", "columns")
 SMOOTHINGS = ("none", "cma", "ema")
+
+# Old name -> new name, accepted (with a FutureWarning) until grape_hf 0.3.
+DEPRECATED_NAMES = {
+    "feedback_lr": "grape_lr",
+    "feedback_alignment": "grape_alignment",
+    "feedback_smoothing": "grape_smoothing",
+    "feedback_ema_decay": "grape_ema_decay",
+    "feedback_update_steps": "grape_update_steps",
+    "error_module": "head_module",
+}
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -22,126 +38,143 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
 
 
+class FieldMetadata(Mapping):
+    """Field metadata with the rules a field applies to: `metadata["rules"]`. `HfArgumentParser` hands
+    every key it iterates to `argparse.add_argument`, so "rules" is readable but not iterated."""
+
+    def __init__(self, rules: tuple[str, ...], **argparse_kwargs):
+        self._rules = rules
+        self._kwargs = argparse_kwargs
+
+    def __getitem__(self, key):
+        return self._rules if key == "rules" else self._kwargs[key]
+
+    def __iter__(self):
+        return iter(self._kwargs)
+
+    def __len__(self) -> int:
+        return len(self._kwargs)
+
+
+def rule_field(default, rules: tuple[str, ...], help: str, **argparse_kwargs):
+    """A dataclass field that applies to `rules` (its metadata's "rules")."""
+    return field(default=default, metadata=FieldMetadata(rules, help=help, **argparse_kwargs))
+
+
+def deprecated_field(new: str):
+    """The old name of field `new`: None unless given, then moved to `new` in `__post_init__`."""
+    return field(default=None, metadata=FieldMetadata((), help=f"Deprecated: use --{new} (goes in grape_hf 0.3)."))
+
+
 @dataclass
 class GrapeTrainingArguments(TrainingArguments):
-    """Arguments of `GrapeTrainer`: every `TrainingArguments` field, plus the rule's."""
+    """Arguments of `GrapeTrainer`: every `TrainingArguments` field, plus the rule's, grouped by owner."""
 
-    rule: str = field(
-        default="dfa",
-        metadata={"help": "Learning rule: 'bp' (stock backpropagation), 'dfa' (Direct Feedback Alignment), "
-                          "'grape' (DFA with feedback aligned to forward-mode Jacobian estimates), and the paper's "
-                          "baselines for MLPs/CNNs: 'fa' (Feedback Alignment: random B in place of W^T, layer by "
-                          "layer), 'drtp' (DFA projecting the one-hot target instead of the error; classifiers) and "
-                          "'pepita' (a second forward on the error-modulated input; MLPs only).",
-                  "choices": list(RULES)},
-    )
-    setting: str = field(
-        default="macro",
-        metadata={"help": "Where feedback points go: 'macro' (one per block) or 'micro' (one per sub-layer: "
-                          "attention and MLP branch outputs).", "choices": list(SETTINGS)},
-    )
-    feedback_init: str = field(
-        default="normal",
-        metadata={"help": "Distribution of the random feedback matrices: 'normal' or 'uniform' (variance "
-                          "1/error_features), or 'kaiming_uniform' (He uniform, variance 2/error_features).",
-                  "choices": list(FEEDBACK_INITS)},
-    )
-    feedback_seed: int | None = field(
-        default=None,
-        metadata={"help": "Seed of the feedback matrices (default: `seed`). Same seed, same matrices on every "
-                          "process and every run."},
-    )
-    error_point: str | None = field(
-        default=None,
-        metadata={"help": "Where the error is read: 'head_input' (the input of the output head; default for "
-                          "causal LMs, as in Launay et al. 2020) or 'logits' (default for classifiers)."},
-    )
-    error_module: str | None = field(
-        default=None,
-        metadata={"help": "Name of the output-head module whose input or output is the error tap (default: the "
-                          "model's output embeddings, or its `classifier`/`score`)."},
-    )
-    feedback_embeddings: bool = field(
-        default=True,
-        metadata={"help": "Put a feedback point after the embeddings. Off: the embedding output is cut, so the "
-                          "embeddings only train where they are tied to the output head."},
-    )
-    feedback_modules: list[str] | None = field(
-        default=None,
-        metadata={"help": "Name the feedback-point modules yourself: names from model.named_modules(), where "
-                          "'*' stands for one dotted component ('transformer.h.*.attn'); overrides `setting`."},
-    )
+    # Every rule ------------------------------------------------------------------------------
+    rule: str = rule_field(
+        "dfa", FEEDBACK_RULES,
+        "Learning rule: 'bp' (stock backpropagation), 'dfa' (Direct Feedback Alignment), 'grape' (DFA with feedback "
+        "aligned to forward-mode Jacobian estimates), and the paper's baselines for MLPs/CNNs: 'fa' (Feedback "
+        "Alignment: random B in place of W^T, layer by layer), 'drtp' (DFA projecting the one-hot target instead of "
+        "the error; classifiers) and 'pepita' (a second forward on the error-modulated input; MLPs only).",
+        choices=list(RULE_NAMES))
+    feedback_init: str = rule_field(
+        "normal", FEEDBACK_RULES,
+        "Distribution of the random feedback matrices: 'normal' or 'uniform' (variance 1/error_features), or "
+        "'kaiming_uniform' (He uniform, variance 2/error_features).", choices=list(FEEDBACK_INITS))
+    feedback_seed: int | None = rule_field(
+        None, FEEDBACK_RULES,
+        "Seed of the feedback matrices (default: `seed`). Same seed, same matrices on every process and every run.")
+    bp_calibration_steps: int = rule_field(
+        0, FEEDBACK_RULES,
+        "Every N-th optimizer step is a true BP step on its batch (the GrAPE revision's calibration; 0: never).")
 
-    feedback_lr: float = field(
-        default=1e-3,
-        metadata={"help": "GrAPE: SGD step size of the feedback update on 1 - cos(B, T), taken on the unit-norm "
-                          "matrix (or unit columns), so it is a rotation of about this many radians per step."},
-    )
-    feedback_alignment: str = field(
-        default="frobenius",
-        metadata={"help": "GrAPE: 'frobenius' (cosine of whole matrices, constant matrix norm: the paper's text) or "
-                          "'columns' (per-column cosines, unit columns: the revised method).",
-                  "choices": list(ALIGNMENTS)},
-    )
-    feedback_smoothing: str = field(
-        default="none",
-        metadata={"help": "GrAPE: average the Jacobian estimates over steps: 'none', 'cma' (cumulative moving "
-                          "average, as in the paper) or 'ema' (exponential, decay `feedback_ema_decay`).",
-                  "choices": list(SMOOTHINGS)},
-    )
-    feedback_ema_decay: float = field(default=0.9, metadata={"help": "GrAPE: decay of the 'ema' smoothing."})
-    feedback_update_steps: int = field(
-        default=1,
-        metadata={"help": "GrAPE: estimate the Jacobians every N-th optimizer step (the update in between uses the "
-                          "smoothed estimate; needs feedback_smoothing when N > 1)."},
-    )
-    bp_calibration_steps: int = field(
-        default=0,
-        metadata={"help": "Every N-th optimizer step is a true BP step on its batch (the revision's calibration; "
-                          "0: never)."},
-    )
+    # The direct rules (dfa, grape, drtp): where the points and the error tap go ----------------
+    setting: str = rule_field(
+        "macro", DIRECT_RULES, "Where feedback points go: 'macro' (one per block) or 'micro' (one per sub-layer: "
+        "attention and MLP branch outputs).", choices=list(SETTINGS))
+    error_point: str | None = rule_field(
+        None, DIRECT_RULES,
+        "Where the error is read: 'head_input' (the input of the output head; default for causal LMs, as in Launay "
+        "et al. 2020) or 'logits' (default for classifiers).")
+    head_module: str | None = rule_field(
+        None, (*DIRECT_RULES, "pepita"),
+        "Name of the output head, around which the error tap sits (default: the model's output embeddings, or its "
+        "`classifier`/`score`).")
+    feedback_embeddings: bool = rule_field(
+        True, DIRECT_RULES,
+        "Put a feedback point after the embeddings. Off: the embedding output is cut, so the embeddings only train "
+        "where they are tied to the output head.")
+    feedback_modules: list[str] | None = rule_field(
+        None, DIRECT_RULES,
+        "Name the feedback-point modules yourself: names from model.named_modules(), where '*' stands for one dotted "
+        "component ('transformer.h.*.attn'); overrides `setting`.")
+    alignment_probe_steps: int = rule_field(
+        0, DIRECT_RULES,
+        "Every N optimizer steps, log the true alignment: cos(B_k e, true dL/dh_k) per point, from one extra BP "
+        "forward and backward on the current batch (0: off). Under DFA, also cos(B_k, T_k) with a Jacobian estimate.")
 
-    pepita_f_scale: float = field(
-        default=0.05,
-        metadata={"help": "PEPITA: the input feedback F (input_features x classes) has entries of standard deviation "
-                          "pepita_f_scale * sqrt(2 / input_features) (0.05 in Dellaferrera & Kreiman 2022 and "
-                          "Srinivasan et al. 2023; the latter add weight decay: use `weight_decay`)."},
-    )
-    pepita_mirror_lr: float = field(
-        default=0.0,
-        metadata={"help": "PEPITA: weight mirroring (Srinivasan et al. 2023): F becomes a product of one factor per "
-                          "layer, each turned towards W_l^T by this SGD step size on every training forward, then "
-                          "renormalised to F's scale (0: off, F fixed; they use 0.01)."},
-    )
-    pepita_mirror_weight_decay: float = field(
-        default=1e-4, metadata={"help": "PEPITA: weight decay of the mirroring SGD step."})
-    pepita_mirror_noise: float = field(
-        default=0.1, metadata={"help": "PEPITA: standard deviation of the noise fed to each layer when mirroring."})
+    # GrAPE ------------------------------------------------------------------------------------
+    grape_lr: float = rule_field(
+        1e-3, ("grape",),
+        "SGD step size of the feedback update on 1 - cos(B, T), taken on the unit-norm matrix (or unit columns), so "
+        "it is a rotation of about this many radians per step.")
+    grape_alignment: str = rule_field(
+        "frobenius", ("grape",),
+        "'frobenius' (cosine of whole matrices, constant matrix norm: the paper's text) or 'columns' (per-column "
+        "cosines, unit columns: the revised method). DFA's probe logs the same cosine.", choices=list(ALIGNMENTS))
+    grape_smoothing: str = rule_field(
+        "none", ("grape",),
+        "Average the Jacobian estimates over steps: 'none', 'cma' (cumulative moving average, as in the paper) or "
+        "'ema' (exponential, decay `grape_ema_decay`).", choices=list(SMOOTHINGS))
+    grape_ema_decay: float = rule_field(0.9, ("grape",), "Decay of the 'ema' smoothing.")
+    grape_update_steps: int = rule_field(
+        1, ("grape",),
+        "Estimate the Jacobians every N-th optimizer step (the update in between uses the smoothed estimate; needs "
+        "grape_smoothing when N > 1).")
 
-    alignment_probe_steps: int = field(
-        default=0,
-        metadata={"help": "Every N optimizer steps, log the true alignment: cos(B_k e, true dL/dh_k) per point, from "
-                          "one extra BP forward and backward on the current batch (0: off)."},
-    )
+    # PEPITA -----------------------------------------------------------------------------------
+    pepita_f_scale: float = rule_field(
+        0.05, ("pepita",),
+        "The input feedback F (input_features x classes) has entries of standard deviation pepita_f_scale * "
+        "sqrt(2 / input_features) (0.05 in Dellaferrera & Kreiman 2022 and Srinivasan et al. 2023; the latter add "
+        "weight decay: use `weight_decay`).")
+    pepita_mirror_lr: float = rule_field(
+        0.0, ("pepita",),
+        "Weight mirroring (Srinivasan et al. 2023): F becomes a product of one factor per layer, each turned towards "
+        "W_l^T by this SGD step size on every training forward, then renormalised to F's scale (0: off, F fixed; "
+        "they use 0.01).")
+    pepita_mirror_weight_decay: float = rule_field(1e-4, ("pepita",), "Weight decay of the mirroring SGD step.")
+    pepita_mirror_noise: float = rule_field(
+        0.1, ("pepita",), "Standard deviation of the noise fed to each layer when mirroring.")
+
+    # Old names, kept for one release ----------------------------------------------------------
+    feedback_lr: float | None = deprecated_field("grape_lr")
+    feedback_alignment: str | None = deprecated_field("grape_alignment")
+    feedback_smoothing: str | None = deprecated_field("grape_smoothing")
+    feedback_ema_decay: float | None = deprecated_field("grape_ema_decay")
+    feedback_update_steps: int | None = deprecated_field("grape_update_steps")
+    error_module: str | None = deprecated_field("head_module")
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("rule", self.rule, tuple(RULES))
+        self._move_deprecated_names()
+        check_choice("rule", self.rule, RULE_NAMES)
         check_choice("setting", self.setting, SETTINGS)
         check_choice("feedback_init", self.feedback_init, FEEDBACK_INITS)
         if self.error_point is not None:
             check_choice("error_point", self.error_point, ERROR_POINTS)
-        check_choice("feedback_alignment", self.feedback_alignment, ALIGNMENTS)
-        check_choice("feedback_smoothing", self.feedback_smoothing, SMOOTHINGS)
-        if not self.feedback_lr > 0:
-            raise ValueError(f"feedback_lr={self.feedback_lr} must be > 0 (the paper uses 1e-3).")
-        if not 0 < self.feedback_ema_decay < 1:
-            raise ValueError(f"feedback_ema_decay={self.feedback_ema_decay} must be in (0, 1).")
-        if self.feedback_update_steps < 1:
-            raise ValueError(f"feedback_update_steps={self.feedback_update_steps} must be >= 1.")
-        if self.feedback_update_steps > 1 and self.feedback_smoothing == "none":
-            raise ValueError("feedback_update_steps > 1 updates the feedback from smoothed estimates between "
-                             "estimates: set feedback_smoothing to 'cma' or 'ema'.")
+        check_choice("grape_alignment", self.grape_alignment, ALIGNMENTS)
+        check_choice("grape_smoothing", self.grape_smoothing, SMOOTHINGS)
+        if not self.grape_lr > 0:
+            raise ValueError(f"grape_lr={self.grape_lr} must be > 0 (the paper uses 1e-3).")
+        if not 0 < self.grape_ema_decay < 1:
+            raise ValueError(f"grape_ema_decay={self.grape_ema_decay} must be in (0, 1).")
+        if self.grape_update_steps < 1:
+            raise ValueError(f"grape_update_steps={self.grape_update_steps} must be >= 1.")
+        if self.grape_update_steps > 1 and self.grape_smoothing == "none":
+            raise ValueError("grape_update_steps > 1 updates the feedback from smoothed estimates between "
+                             "estimates: set grape_smoothing to 'cma' or 'ema'.")
         if self.alignment_probe_steps < 0:
             raise ValueError(f"alignment_probe_steps={self.alignment_probe_steps} must be >= 0 (0: off).")
         if self.bp_calibration_steps < 0:
@@ -159,3 +192,17 @@ class GrapeTrainingArguments(TrainingArguments):
                 f"activation (gradient) checkpointing does not work with rule={self.rule!r}: recomputing a block "
                 "runs its feedback hooks twice. Turn activation_checkpointing off."
             )
+
+    def _move_deprecated_names(self) -> None:
+        """Give each deprecated name's value to its new field, with a FutureWarning."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for old, new in DEPRECATED_NAMES.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            if getattr(self, new) not in (defaults[new], value):
+                raise ValueError(f"{old}={value!r} and {new}={getattr(self, new)!r} both given: {old} is the old name "
+                                 f"of {new}; give only {new}.")
+            warnings.warn(f"{old} is deprecated and goes in grape_hf 0.3: use {new}.", FutureWarning, stacklevel=3)
+            setattr(self, new, value)
+            setattr(self, old, None)

@@ -44,15 +44,15 @@ class AlignmentPlotCallback(TrainerCallback):
         plt.close(fig)
 
 
-class UndoSkippedFeedbackCallback(TrainerCallback):
-    """When the optimizer step was skipped (fp16's GradScaler found inf/nan gradients), undo that
-    step's feedback update too, so the matrices stay those the model was trained with. `trainer`:
-    the `GrapeTrainer` (its accelerator knows whether the step was skipped)."""
+class EndFeedbackStepCallback(TrainerCallback):
+    """Closes every optimizer step for the rule (`Rule.end_step`), saying whether the optimizer skipped
+    it (fp16's GradScaler found inf/nan gradients): GrAPE then undoes that step's feedback update, so
+    the matrices stay those the model was trained with. `trainer`: the `GrapeTrainer` (its
+    accelerator knows whether the step was skipped)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        feedback = self.trainer.feedback
-        if feedback is not None and feedback.aligner is not None:
-            feedback.aligner.end_step(skipped=self.trainer.accelerator.optimizer_step_was_skipped)
+        if self.trainer.feedback is not None:
+            self.trainer.feedback.end_step(skipped=self.trainer.accelerator.optimizer_step_was_skipped)

@@ -1,6 +1,6 @@
 """The rule's state in a Trainer checkpoint: `feedback.safetensors` beside the Trainer's own files.
 
-It holds what the rule learns or draws outside the model (`FeedbackNetwork.state_dict`): the
+It holds what the rule learns or draws outside the model (`Rule.state_dict`): the
 feedback matrices, GrAPE's smoothed targets and perturbation generator state. Its header says
 which rule, setting, points and tap wrote it, so resuming with other settings fails with an
 error instead of silently starting from fresh random feedback. The model weights stay a plain
@@ -18,19 +18,19 @@ FEEDBACK_FILE = "feedback.safetensors"
 FORMAT = "grape_hf.feedback.v1"
 
 
-def feedback_metadata(network, args) -> dict[str, str]:
+def feedback_metadata(rule, args) -> dict[str, str]:
     """The header of `feedback.safetensors`: format, rule, setting, point names (forward order) and tap."""
     return {"format": FORMAT, "rule": args.rule, "setting": args.setting,
-            "points": json.dumps(list(network.point_names)), "tap": network.tap_name}
+            "points": json.dumps(list(rule.point_names)), "tap": rule.tap_name}
 
 
-def save_feedback(network, args, directory: str) -> str:
-    """Write `network.state_dict()` (CPU copies) and its metadata to `directory/feedback.safetensors`;
+def save_feedback(rule, args, directory: str) -> str:
+    """Write `rule.state_dict()` (CPU copies) and its metadata to `directory/feedback.safetensors`;
     returns the path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, FEEDBACK_FILE)
-    state = {key: value.detach().to("cpu").contiguous() for key, value in network.state_dict().items()}
-    save_file(state, path, metadata=feedback_metadata(network, args))
+    state = {key: value.detach().to("cpu").contiguous() for key, value in rule.state_dict().items()}
+    save_file(state, path, metadata=feedback_metadata(rule, args))
     return path
 
 
@@ -46,15 +46,15 @@ def read_feedback(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return metadata, tensors
 
 
-def load_feedback(network, args, directory: str) -> None:
-    """Restore `network` (None for rule 'bp') from `directory/feedback.safetensors`.
+def load_feedback(rule, args, directory: str) -> None:
+    """Restore `rule` (None for rule 'bp') from `directory/feedback.safetensors`.
 
     Raises a `FileNotFoundError` when a rule with feedback resumes from a checkpoint without the
     file, and a `ValueError` when the file is unreadable or was written by another rule, setting,
     set of points or tap (shapes are checked when each point first runs: `FeedbackMatrices.get`).
     """
     path = os.path.join(directory, FEEDBACK_FILE)
-    if network is None:
+    if rule is None:
         if os.path.exists(path):
             with safe_open(path, "pt") as file:
                 rule = (file.metadata() or {}).get("rule")
@@ -72,10 +72,10 @@ def load_feedback(network, args, directory: str) -> None:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a grape_hf feedback file (format {metadata.get('format')!r}, expected "
                          f"{FORMAT!r}).")
-    expected = feedback_metadata(network, args)
+    expected = feedback_metadata(rule, args)
     for key in ("rule", "setting", "tap", "points"):
         if metadata.get(key) != expected[key]:
             raise ValueError(f"{path} was written with {key}={metadata.get(key)} but this run has {key}="
                              f"{expected[key]}: the feedback does not fit. Resume with the checkpoint's settings, or "
                              "start a fresh run.")
-    network.load_state_dict(tensors, source=path)
+    rule.load_state_dict(tensors, source=path)

@@ -21,12 +21,10 @@ import huggingface_hub
 import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
-from transformers import TrainingArguments
 from transformers.modelcard import TrainingSummary, make_markdown_table
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .callbacks import PLOT_FILE
-from .rules import RULES
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +55,14 @@ def template_kind(model) -> str | None:
 
 
 def feedback_hyperparameters(args) -> dict[str, object]:
-    """The fields `GrapeTrainingArguments` adds to `TrainingArguments` that matter for `args.rule`, set
-    ones only. A field whose help starts with a rule's name ("GrAPE: ...") belongs to that rule only;
-    'bp' has no feedback, so none."""
+    """The fields `GrapeTrainingArguments` adds to `TrainingArguments` that apply to `args.rule` (their
+    metadata's "rules"), set ones only; 'bp' has no feedback, so none."""
     if args.rule == "bp":
         return {}
-    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    values = {}
-    for f in dataclasses.fields(args):
-        if f.name in trainer_fields or f.name in ("rule", "setting") or getattr(args, f.name) is None:
-            continue  # rule and setting have their own rows; None means "resolved from the model" (shown apart)
-        owner = f.metadata.get("help", "").split(":", 1)[0].lower()
-        if owner in RULES and owner != args.rule:
-            continue
-        values[f.name] = getattr(args, f.name)
-    return values
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+            # rule and setting have their own rows; None means "resolved from the model" (shown apart)
+            if args.rule in f.metadata.get("rules", ()) and f.name not in ("rule", "setting")
+            and getattr(args, f.name) is not None}
 
 
 def last_alignment(log_history: list[dict]) -> tuple[list[dict], dict[str, int]]:
@@ -172,9 +163,9 @@ def render_model_card(trainer, output_dir: str | None = None, command: str | Non
         rule=args.rule,
         rule_title=RULE_TITLES.get(args.rule, args.rule),
         setting=args.setting,
-        points=list(feedback.placement.point_names) if feedback is not None else [],
-        error_point=feedback.placement.error_point if feedback is not None else None,
-        tap_module=feedback.placement.tap_module if feedback is not None else None,
+        points=list(feedback.point_names) if feedback is not None else [],
+        error_point=feedback.error_point if feedback is not None else None,
+        head=feedback.head if feedback is not None else None,
         feedback_hyperparameters=feedback_hyperparameters(args),
         hyperparameters=summary.hyperparameters,
         global_step=trainer.state.global_step,

@@ -1,12 +1,13 @@
 """`GrapeTrainer`: the stock `Trainer` with a learning rule's feedback installed on the model.
 
-The training step is the Trainer's own: the rule's points and error tap make the one
-`accelerator.backward(loss)` deliver the rule's gradients, so loss scaling, gradient
-accumulation, clipping, logging and checkpoints are untouched. Checkpoints add the rule's
-state in `feedback.safetensors` (`grape_hf.checkpoint`), and resuming restores it.
+The training step is the Trainer's own: the rule's hooks make the one `accelerator.backward(loss)`
+deliver the rule's gradients, so loss scaling, gradient accumulation, clipping, logging and
+checkpoints are untouched. The trainer drives only the `grape_hf.rule.Rule` interface: it installs
+the rule of `args.rule`, hands it each training forward (`Rule.training_forward`), closes each
+optimizer step (`Rule.end_step`, through a callback), logs its figures (`Rule.pop_logs`) and saves
+its state (`Rule.state_dict`, in `feedback.safetensors` beside the Trainer's checkpoint files).
 """
 
-import contextlib
 import os
 
 import torch
@@ -14,12 +15,12 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
 from .arguments import GrapeTrainingArguments
-from .audit import LocalityReport, audit_network
-from .callbacks import AlignmentPlotCallback, UndoSkippedFeedbackCallback
+from .callbacks import AlignmentPlotCallback, EndFeedbackStepCallback
 from .checkpoint import load_feedback, save_feedback
-from .metrics import RunningMeans
+from .diagnostics.audit import LocalityReport, audit_network
+from .diagnostics.probe import AlignmentProbe
 from .model_card import write_model_card
-from .points import FeedbackNetwork
+from .rule import Rule
 from .rules import RULES
 
 
@@ -27,8 +28,9 @@ class GrapeTrainer(Trainer):
     """Same signature as `Trainer`; `args` must be `GrapeTrainingArguments`.
 
     Attributes:
-        feedback: the installed `FeedbackNetwork` (point names, matrices, tap), or None for rule 'bp'.
-            `trainer.feedback.remove()` hands the model back exactly as it was.
+        feedback: the installed rule (a `grape_hf.rule.Rule`: point names, matrices, tap), or None for
+            rule 'bp'. `trainer.feedback.remove()` hands the model back exactly as it was.
+        probe: the `AlignmentProbe` when `alignment_probe_steps` is set, else None.
     """
 
     def __init__(self, model=None, args: GrapeTrainingArguments | None = None, *positional, **kwargs):
@@ -39,9 +41,9 @@ class GrapeTrainer(Trainer):
                 f"GrapeTrainer needs GrapeTrainingArguments, got {type(args).__name__}. Build them the same way "
                 "(every TrainingArguments field works), adding rule=... and setting=..."
             )
-        self.feedback: FeedbackNetwork | None = None
+        self.feedback: Rule | None = None
+        self.probe: AlignmentProbe | None = None
         self._feedback_step = -1  # optimizer step of the last feedback-aware forward
-        self._true_alignment = RunningMeans("true_alignment")  # the probe's cosines since the last log
         self._model_card_kwargs: dict = {}  # the card's arguments given so far; later saves reuse them
         super().__init__(model, args, *positional, **kwargs)
         if self.is_fsdp_enabled and args.rule != "bp":
@@ -54,7 +56,7 @@ class GrapeTrainer(Trainer):
             )
         if args.rule != "bp":
             self.add_callback(AlignmentPlotCallback)
-            self.add_callback(UndoSkippedFeedbackCallback(self))
+            self.add_callback(EndFeedbackStepCallback(self))
         if self.model_init is None:  # with model_init, call_model_init installs it on each new model
             self._install_feedback(self.model)
 
@@ -62,6 +64,8 @@ class GrapeTrainer(Trainer):
         if self.feedback is not None:
             self.feedback.remove()
         self.feedback = RULES[self.args.rule](model, self.args)
+        steps = self.args.alignment_probe_steps
+        self.probe = AlignmentProbe(self.feedback, steps) if steps and self.feedback is not None else None
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint plus `feedback.safetensors` (written first, so a checkpoint that has
@@ -83,52 +87,25 @@ class GrapeTrainer(Trainer):
         return model
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The Trainer's loss, its forward wrapped by the rule (`_feedback_forward`) in training."""
+        """The Trainer's loss; in training, its forward is the rule's (`Rule.training_forward`)."""
         if self.feedback is None or not torch.is_grad_enabled():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         step = self.state.global_step
         first_micro_batch = step != self._feedback_step
         self._feedback_step = step
-        probe = self.args.alignment_probe_steps
-        if probe and first_micro_batch and step % probe == 0:
+        if self.probe is not None and self.probe.due(step, first_micro_batch):
             # On the unwrapped model: a forward with no backward must not reach DDP's reducer.
             unwrapped = self.accelerator.unwrap_model(model)
-            cosines = self.feedback.true_alignment(lambda: Trainer.compute_loss(self, unwrapped, inputs))
-            self._true_alignment.add(cosines)
-        with self._feedback_forward(step, first_micro_batch):
-            # A rule whose training step is more than one forward (PEPITA: a second, modulated pass)
-            # runs the Trainer's own loss itself, through `training_forward(forward, inputs)`.
-            training_forward = getattr(self.feedback, "training_forward", None)
-            if training_forward is not None and not self.feedback.bypass:
-                loss, outputs = training_forward(
-                    lambda batch: Trainer.compute_loss(self, model, batch, True, num_items_in_batch), inputs)
-                return (loss, outputs) if return_outputs else loss
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    @contextlib.contextmanager
-    def _feedback_forward(self, step: int, first_micro_batch: bool):
-        """Decide what this training forward is: a true BP step (every `bp_calibration_steps`-th
-        optimizer step), GrAPE's aligned forward (first micro-batch of an optimizer step, so every
-        micro-batch of a gradient-accumulation step uses the same matrices), or a plain one."""
-        calibration = self.args.bp_calibration_steps
-        if calibration and (step + 1) % calibration == 0:
-            self.feedback.bypass = True
-            try:
-                yield
-            finally:
-                self.feedback.bypass = False
-        elif self.feedback.aligner is not None and first_micro_batch:
-            with self.feedback.aligner.aligned_forward(self.model, step):
-                yield
-        else:
-            yield
+            self.probe.measure(lambda: Trainer.compute_loss(self, unwrapped, inputs))
+        loss, outputs = self.feedback.training_forward(
+            lambda batch: Trainer.compute_loss(self, model, batch, True, num_items_in_batch), inputs, step,
+            first_micro_batch)
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log, with the rule's alignment figures added to training logs."""
         if self.feedback is not None and "loss" in logs:
-            if self.feedback.aligner is not None:
-                logs = {**logs, **self.feedback.aligner.cosines.pop()}
-            logs = {**logs, **self._true_alignment.pop()}
+            logs = {**logs, **self.feedback.pop_logs(), **(self.probe.pop() if self.probe is not None else {})}
         super().log(logs, start_time)
 
     def create_model_card(self, command: str | None = None, **kwargs) -> None:
@@ -157,7 +134,7 @@ class GrapeTrainer(Trainer):
             write_model_card(self, folder, **self._model_card_kwargs)
 
     def audit_locality(self, batch: dict | None = None, raise_on_leak: bool = True) -> LocalityReport:
-        """Run the locality audit (see `grape_hf.audit`) on `batch`, or on the first training batch."""
+        """Run the locality audit (`grape_hf.diagnostics.audit`) on `batch`, or on the first training batch."""
         if self.feedback is None:
             raise ValueError(f"rule={self.args.rule!r} has no feedback points to audit.")
         if batch is None:

@@ -6,9 +6,9 @@ import pytest
 from tiny_models import image_batch, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
 from grape_hf import GrapeTrainingArguments, LocalityError, audit_locality, resolve_placement
-from grape_hf.audit import audit_network
-from grape_hf.feedback import FeedbackMatrices
-from grape_hf.points import TAP, FeedbackNetwork
+from grape_hf.diagnostics.audit import audit_network
+from grape_hf.direct.network import TAP
+from grape_hf.rules import DFA
 
 FAMILIES = {"gpt2": (tiny_gpt2, token_batch), "llama": (tiny_llama, token_batch), "vit": (tiny_vit, image_batch)}
 
@@ -50,7 +50,7 @@ def test_broken_placement_fails_and_names_the_leak(tmp_path):
     model = tiny_gpt2()
     args = dfa_args(tmp_path, setting="micro", feedback_embeddings=False)
     broken = dataclasses.replace(resolve_placement(model, args), cuts=())
-    network = FeedbackNetwork(model, broken, FeedbackMatrices("normal", 0))
+    network = DFA(model, args, placement=broken)
     with pytest.raises(LocalityError, match=r"LEAK transformer\.wte\.weight receives gradient from "
                                             r"transformer\.h\.0\.attn, transformer\.h\.0\.mlp"):
         audit_network(model, network, token_batch())

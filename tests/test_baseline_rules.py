@@ -15,7 +15,7 @@ from torch.nn.functional import one_hot
 from transformers import HfArgumentParser, PretrainedConfig, PreTrainedModel
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments, audit_locality
-from grape_hf.feedback import FeedbackMatrices, point_seed
+from grape_hf.direct.matrices import FeedbackMatrices, point_seed
 from grape_hf.models import MLPConfig, MLPForImageClassification
 from grape_hf.rules import RULES
 
@@ -173,7 +173,7 @@ def test_pepita_passes_share_dropout_masks(tmp_path):
     model = DropoutMLP(TinyCNNConfig())
     network = RULES["pepita"](model, grape_args(tmp_path, rule="pepita", pepita_f_scale=1e-9))
     before = torch.get_rng_state()
-    loss, _ = network.training_forward(lambda b: (model(**b)["loss"], None), as_batch(image_examples(8)))
+    loss, _ = network.training_forward(lambda b: (model(**b)["loss"], None), as_batch(image_examples(8)), 0, True)
     after = torch.get_rng_state()
     loss.backward()
     assert model.hidden.weight.grad.abs().max() < 1e-8
@@ -196,7 +196,7 @@ def test_pepita_needs_class_labels(tmp_path):
     model = mlp()
     network = RULES["pepita"](model, grape_args(tmp_path, rule="pepita"))
     with pytest.raises(ValueError, match=r"PEPITA's error .* needs class labels of shape \(N,\).*got None"):
-        network.training_forward(lambda b: (model(**b).loss, None), {"pixel_values": torch.randn(2, 1, 4, 4)})
+        network.training_forward(lambda b: (model(**b).loss, None), {"pixel_values": torch.randn(2, 1, 4, 4)}, 0, True)
 
 
 def normalized(factors: list, std: float) -> list:
@@ -227,7 +227,7 @@ def test_pepita_weight_mirroring_step_and_alignment(tmp_path):
         stepped.append(factor + 0.5 * (x.T @ (x @ layer.weight.detach().T) / 8 - 0.1 * factor))
     expected = normalized(stepped, std)
 
-    network.training_forward(lambda b: (model(**b).loss, None), batch)
+    network.training_forward(lambda b: (model(**b).loss, None), batch, 0, True)
     for name, factor in zip(network.point_names, expected):
         torch.testing.assert_close(network.matrices.tensors[name], factor, msg=lambda m: f"{name}: {m}")
     assert torch.linalg.multi_dot(expected).std().item() == pytest.approx(std, rel=1e-4)
@@ -238,7 +238,7 @@ def test_pepita_weight_mirroring_step_and_alignment(tmp_path):
 
     assert max(abs(c) for c in alignments(factors)) < 0.5  # random at first
     for _ in range(30):
-        network.training_forward(lambda b: (model(**b).loss, None), batch)
+        network.training_forward(lambda b: (model(**b).loss, None), batch, 0, True)
     assert min(alignments([network.matrices.tensors[name] for name in network.point_names])) > 0.7
     network.remove()
 

@@ -22,9 +22,9 @@ STEPS, SAVE_AT = 6, 3
 # second, so resuming must skip the right batches and restore the sampler's RNG.
 COMMON = dict(report_to="none", use_cpu=True, disable_tqdm=True, seed=0, max_steps=STEPS, save_strategy="steps",
               save_steps=SAVE_AT, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-2,
-              feedback_lr=0.05, dataloader_num_workers=0)
+              grape_lr=0.05, dataloader_num_workers=0)
 RULE_SETTINGS = {"dfa": dict(rule="dfa", setting="micro", alignment_probe_steps=2),
-                 "grape": dict(rule="grape", setting="micro", feedback_smoothing="ema")}
+                 "grape": dict(rule="grape", setting="micro", grape_smoothing="ema")}
 
 
 def token_dataset(n: int = 16, length: int = 16) -> Dataset:

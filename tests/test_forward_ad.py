@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.forward_ad import ATTENTION, Affine, Softmax, attention_forward, estimating_kernels
+from grape_hf.direct.forward_ad import ATTENTION, Affine, Softmax, attention_forward, estimating_kernels
 from tiny_models import tiny_gpt2, token_batch
 
 

@@ -10,9 +10,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Trainer, TrainingArguments
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments, audit_locality
-from grape_hf.placement import EMBEDDINGS
+from grape_hf.direct.placement import EMBEDDINGS
 from grape_hf.rules import RULES
-from grape_hf.rules.grape import align_step, cosine, estimating_forward, jacobian_estimate
+from grape_hf.direct.estimate import cosine, estimating_forward, jacobian_estimate
+from grape_hf.rules.grape import align_step
 
 FAMILIES = {"gpt2": (tiny_gpt2, token_batch), "vit": (tiny_vit, image_batch)}
 
@@ -26,7 +27,7 @@ def tap_as_function(model, network, point, batch):
     forward recomputed from it, as the true Jacobian J_k = dz/dh_k sees it."""
     placement = network.placement
     block = placement.embedding_block if point == EMBEDDINGS else point
-    head = model.get_submodule(placement.tap_module)
+    head = model.get_submodule(placement.head)
 
     def f(h):
         captured = []
@@ -51,21 +52,15 @@ def tap_as_function(model, network, point, batch):
 def estimate_once(model, network, batch, seed=0):
     """One estimating forward: returns (perturbations u_k, tangent d, point tensors h_k)."""
     recorded = {}
-    original = network._record
+    generator = torch.Generator().manual_seed(seed)
 
-    def spy(name, tensor):
-        out = original(name, tensor)
-        recorded[name] = network._recorded.get(name)
-        return out
+    def draw(name, like):
+        recorded[name] = like
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
-    network._record = spy
-    network.generator = torch.Generator().manual_seed(seed)
-    try:
-        with estimating_forward(network, model):
-            model(**batch)
-    finally:
-        network._record = original
-    return dict(network.perturbations), network.tangent, recorded
+    with estimating_forward(network.network, model, draw) as estimate:
+        model(**batch)
+    return dict(estimate.perturbations), estimate.tangent, recorded
 
 
 @pytest.mark.parametrize("setting", ["macro", "micro"])
@@ -133,7 +128,7 @@ def test_dual_forward_keeps_dfa_gradients(tmp_path):
     network = RULES["grape"](model, grape_args(tmp_path, setting="micro"))
     plain(**batch).loss.backward()
     network.matrices.tensors = dict(dfa.matrices.tensors)  # the same B_k, no update in between
-    with estimating_forward(network, model):
+    with network.as_trained():
         loss = model(**batch).loss
     loss.backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
@@ -150,21 +145,21 @@ def test_grape_trains_and_logs_alignment(tmp_path):
     """Through the Trainer: the matrices move towards the estimates and the cosines are logged."""
     data = lm_dataset()
     args = grape_args(tmp_path, setting="macro", max_steps=6, logging_steps=3, per_device_train_batch_size=8,
-                      feedback_lr=0.2, feedback_smoothing="ema", use_cpu=True, save_strategy="no",
+                      grape_lr=0.2, grape_smoothing="ema", use_cpu=True, save_strategy="no",
                       disable_tqdm=True)
     trainer = GrapeTrainer(model=tiny_gpt2(), args=args, train_dataset=data)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "alignment/mean" in entry]
     assert len(logs) == 2
     assert logs[1]["alignment/mean"] > logs[0]["alignment/mean"] > 0
-    assert set(trainer.feedback.aligner.targets) == set(trainer.feedback.point_names)
+    assert set(trainer.feedback.targets) == set(trainer.feedback.point_names)
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(feedback_lr=0.0), "feedback_lr=0.0 must be > 0"),
-    (dict(feedback_alignment="rows"), "feedback_alignment='rows' is not valid.*'frobenius', 'columns'"),
-    (dict(feedback_smoothing="median"), "feedback_smoothing='median' is not valid.*'cma'"),
-    (dict(feedback_update_steps=4), "set feedback_smoothing"),
+    (dict(grape_lr=0.0), "grape_lr=0.0 must be > 0"),
+    (dict(grape_alignment="rows"), "grape_alignment='rows' is not valid.*'frobenius', 'columns'"),
+    (dict(grape_smoothing="median"), "grape_smoothing='median' is not valid.*'cma'"),
+    (dict(grape_update_steps=4), "set grape_smoothing"),
 ])
 def test_bad_grape_arguments(bad, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -190,8 +185,7 @@ def test_op_without_forward_ad_is_named(tmp_path):
     network = RULES["grape"](model, grape_args(tmp_path, setting="macro"))
     with pytest.raises(RuntimeError, match=r"forward AD through every op of GPT2LMHeadModel, and one in "
                                            r"transformer\.h\.0\.mlp\.act \(NewGELUActivation\) has none: .*jvp"):
-        with network.aligner.aligned_forward(model, step=0):
-            model(**batch)
+        network.training_forward(lambda b: (model(**b).loss, None), batch, step=0, first_micro_batch=True)
 
 
 def lm_dataset(rows=16):

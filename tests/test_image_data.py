@@ -9,8 +9,8 @@ import PIL.Image
 import pytest
 import torch
 
-from grape_hf.eval_metrics import load_metric
-from grape_hf.image_data import ImageCollator, load_embedded_mnist, load_image_dataset
+from grape_hf.data.eval_metrics import load_metric
+from grape_hf.data.images import ImageCollator, load_embedded_mnist, load_image_dataset
 
 
 def write_hub_folder(root, columns: dict, features: datasets.Features, splits=("train", "test")) -> str:

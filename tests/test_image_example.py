@@ -13,7 +13,7 @@ import torch
 from test_image_data import cifar10_like
 from transformers import AutoModelForImageClassification
 
-from grape_hf.image_data import load_image_dataset
+from grape_hf.data.images import load_image_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "run_image_classification.py")

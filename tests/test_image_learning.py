@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.eval_metrics import load_metric
-from grape_hf.image_data import load_embedded_mnist
+from grape_hf.data.eval_metrics import load_metric
+from grape_hf.data.images import load_embedded_mnist
 from grape_hf.models import build_image_model
 from grape_hf.rules import RULES
 

@@ -6,7 +6,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.data import load_text_corpus, tokenize_and_chunk, train_bpe_tokenizer
+from grape_hf.data.text import load_text_corpus, tokenize_and_chunk, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,10 @@ def test_dfa_lowers_eval_loss(corpus, tmp_path):
 
 def test_grape_aligns_better_and_trains_faster_than_dfa(corpus, tmp_path):
     """At equal steps, GrAPE's feedback is closer to the true gradient (the probe's cosine) and
-    its training loss is lower. feedback_lr 0.1 with EMA smoothing: the paper's 1e-3 aligns too
+    its training loss is lower. grape_lr 0.1 with EMA smoothing: the paper's 1e-3 aligns too
     slowly to show in 100 steps."""
     results = {}
-    for rule, extra in [("dfa", {}), ("grape", dict(feedback_lr=0.1, feedback_smoothing="ema"))]:
+    for rule, extra in [("dfa", {}), ("grape", dict(grape_lr=0.1, grape_smoothing="ema"))]:
         trainer = train(corpus, tmp_path / rule, max_steps=100, rule=rule, alignment_probe_steps=10, **extra)
         trainer.train()
         results[rule] = trainer.state.log_history[0]

@@ -13,12 +13,12 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.feedback import FeedbackMatrices
+from grape_hf.direct.matrices import FeedbackMatrices
 from tiny_models import VOCAB, tiny_gpt2
 
 COMMON = dict(report_to="none", save_strategy="no", disable_tqdm=True, seed=0, optim="sgd", learning_rate=0.1,
               per_device_train_batch_size=4, logging_steps=1, setting="micro")
-RULES = {"dfa": dict(rule="dfa"), "grape": dict(rule="grape", feedback_lr=0.1, feedback_smoothing="ema")}
+RULES = {"dfa": dict(rule="dfa"), "grape": dict(rule="grape", grape_lr=0.1, grape_smoothing="ema")}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast and its GradScaler need a GPU; the "
                                                                 "CPU tests run the same scaler path in float32")
 

@@ -37,7 +37,7 @@ def grape_run(tmp_path_factory):
     its output captured, then `create_model_card` as the examples call it."""
     out = tmp_path_factory.mktemp("card") / "run"
     args = GrapeTrainingArguments(
-        output_dir=str(out), rule="grape", setting="micro", feedback_lr=0.01, alignment_probe_steps=2,
+        output_dir=str(out), rule="grape", setting="micro", grape_lr=0.01, alignment_probe_steps=2,
         max_steps=4, per_device_train_batch_size=4, logging_steps=2, eval_strategy="steps", eval_steps=2,
         save_steps=4, **{**COMMON, "disable_tqdm": False, "save_strategy": "steps"},
     )
@@ -60,9 +60,9 @@ def test_card_states_rule_feedback_data_metrics_alignment_citation_and_reproduct
 
     # Rule, setting, points and every feedback hyperparameter, with this run's values.
     assert "| rule | `grape` |" in text and "| setting | `micro` |" in text
-    points = trainer.feedback.placement.point_names
+    points = trainer.feedback.point_names
     assert f"| feedback points | {len(points)}: " + ", ".join(f"`{p}`" for p in points) + " |" in text
-    for name, value in [("feedback_lr", 0.01), ("feedback_alignment", "frobenius"), ("alignment_probe_steps", 2),
+    for name, value in [("grape_lr", 0.01), ("grape_alignment", "frobenius"), ("alignment_probe_steps", 2),
                         ("feedback_seed", 0), ("feedback_init", "normal")]:
         assert f"| {name} | `{value}` |" in text
     assert "input of `lm_head`" in text
@@ -143,7 +143,7 @@ def test_bp_and_image_classifier_cards(tmp_path):
     (result,) = card.data.eval_results
     assert (result.metric_type, result.metric_value, result.dataset_type) == ("accuracy", accuracy, "ylecun/mnist")
     assert "| rule | `dfa` |" in card.text and "| setting | `macro` |" in card.text
-    assert "feedback_lr" not in card.text  # GrAPE-only fields are left out of a DFA card
+    assert "grape_lr" not in card.text  # GrAPE-only fields are left out of a DFA card
     assert "import grape_hf" in card.text and f"- Evaluation accuracy: {accuracy:.4f}" in card.text
 
 

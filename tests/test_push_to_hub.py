@@ -98,5 +98,5 @@ def test_hub_strategy_checkpoint_pushes_feedback_state_and_cards(tmp_path, hub):
     final = hub.uploads[-1]
     assert len(hub.uploads) == 3
     assert final["files"] == MODEL_FILES | {"README.md", "alignment.png"}  # checkpoint-* folders are not sent
-    assert DATA in final["card"] and "| feedback_alignment | `frobenius` |" in final["card"]
+    assert DATA in final["card"] and "| grape_alignment | `frobenius` |" in final["card"]
     assert "![Alignment curves over training](alignment.png)" in final["card"]

@@ -22,7 +22,7 @@ import torch
 from torch.nn.functional import one_hot, softmax
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.feedback import FeedbackMatrices
+from grape_hf.direct.matrices import FeedbackMatrices
 from grape_hf.models import MLPConfig, MLPForImageClassification
 from grape_hf.rules import RULES
 
@@ -119,14 +119,13 @@ def reference_align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float) 
 def test_grape_feedback_step_equals_its_formula(tmp_path):
     model = mlp()
     data = batch()
-    args = GrapeTrainingArguments(output_dir=str(tmp_path), rule="grape", feedback_lr=0.2, report_to="none",
+    args = GrapeTrainingArguments(output_dir=str(tmp_path), rule="grape", grape_lr=0.2, report_to="none",
                                   use_cpu=True, seed=0)
     network = RULES["grape"](model, args)
-    with network.aligner.aligned_forward(model, step=0):
-        model(**data)
+    network.training_forward(lambda b: (model(**b).loss, None), data, step=0, first_micro_batch=True)
 
-    # The perturbations the points drew: the aligner's seeded generator, in forward order.
-    generator = torch.Generator().manual_seed(network.aligner.seed)
+    # The perturbations the points drew: the estimator's seeded generator, in forward order.
+    generator = torch.Generator().manual_seed(network.estimator.seed)
     u1, u2 = (torch.randn(N, HIDDEN, generator=generator) for _ in range(2))
     w = {key: model.get_parameter(name).detach() for key, name in PARAMS.items()}
     _, _, a2, _, _ = forward(w, data["pixel_values"].flatten(1))
@@ -136,7 +135,7 @@ def test_grape_feedback_step_equals_its_formula(tmp_path):
     for name, u in (("layers.0", u1), ("layers.1", u2)):
         estimate = u.T @ d / N  # T_k = mean_n outer(u_k, d), (hidden, classes)
         initial = seeded.get(name, HIDDEN, CLASSES, torch.device("cpu"))
-        expected = reference_align_step(initial, estimate, args.feedback_lr)
+        expected = reference_align_step(initial, estimate, args.grape_lr)
         torch.testing.assert_close(network.matrices.tensors[name], expected, rtol=1e-4, atol=1e-6)
         assert not torch.allclose(expected, initial, atol=1e-4)  # the step did something
     network.remove()

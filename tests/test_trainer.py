@@ -150,7 +150,7 @@ def test_hooks_are_inert_under_no_grad_and_removable(tmp_path, setting):
         logits = model(**batch).logits
         expected = reference(**batch).logits
     assert torch.equal(logits, expected)
-    assert trainer.feedback._recorded == {}
+    assert trainer.feedback.network._recorded == {}
     assert trainer.feedback.matrices.tensors == {}  # no matrix created without gradients
 
     # With gradients on, DFA gradients differ from BP (this is what remove() must undo).
@@ -164,7 +164,7 @@ def test_hooks_are_inert_under_no_grad_and_removable(tmp_path, setting):
     trainer.feedback.remove()
     assert module_hooks(model) == module_hooks(reference)
     assert all(count == 0 for count in module_hooks(model).values())
-    assert trainer.feedback._recorded == {}
+    assert trainer.feedback.network._recorded == {}
 
     loss = model(**batch).loss
     ref_loss = reference(**batch).loss
@@ -296,3 +296,34 @@ def test_trainer_audit_locality_refuses_bp(tmp_path):
                            train_dataset=token_dataset(4))
     with pytest.raises(ValueError, match="no feedback points"):
         trainer.audit_locality()
+
+
+def test_modes_are_always_left_and_do_not_nest(tmp_path):
+    """A mode entered with `with` is left even when the forward inside fails, and a second mode cannot
+    be entered inside the first (so nothing runs with a mode someone forgot)."""
+    model = tiny_gpt2()
+    rule = GrapeTrainer(model=model, args=grape_args(tmp_path, "modes", rule="grape")).feedback
+    for mode in (rule.bp_step, rule.observing, rule.as_trained):
+        with pytest.raises(ZeroDivisionError):
+            with mode():
+                1 / 0
+        assert rule.network._mode is None and not rule._bypass
+    with rule.observing():
+        with pytest.raises(RuntimeError, match="modes do not nest"):
+            with rule.bp_step():
+                pass
+    with pytest.raises(ZeroDivisionError):
+        with rule.isolating("embeddings"):
+            1 / 0
+    assert rule.network.isolated is None
+    rule.remove()
+
+
+def test_trainer_has_no_rule_specific_branch():
+    """The trainer drives the Rule interface only: no rule but 'bp' (no rule installed) is named in it."""
+    import grape_hf.trainer
+    from grape_hf.arguments import RULE_NAMES
+
+    source = open(grape_hf.trainer.__file__, encoding="utf-8").read()
+    for name in RULE_NAMES[1:]:
+        assert f'"{name}"' not in source and f"'{name}'" not in source, name

@@ -12,10 +12,9 @@ from transformers import AutoConfig, AutoModelForImageClassification
 
 from grape_hf import (MODEL_NAMES, GrapeTrainer, GrapeTrainingArguments, LocalityError, audit_locality,
                       build_image_model, resolve_placement)
-from grape_hf.audit import audit_network
-from grape_hf.feedback import FeedbackMatrices
-from grape_hf.points import TAP, FeedbackNetwork
-from grape_hf.rules import RULES
+from grape_hf.diagnostics.audit import audit_network
+from grape_hf.direct.network import TAP
+from grape_hf.rules import DFA, RULES
 
 LABELS = 10
 # Narrow versions of each model: the audit and gradient tests are about mechanics, not capacity.
@@ -154,7 +153,7 @@ def test_resnet_cuts_keep_chosen_points_local(tmp_path):
     report = audit_locality(model, images(), chosen)
     assert report.ok and "blocks.0.conv2.weight" in report.unreached  # cut off: nothing reaches it
     broken = dataclasses.replace(resolve_placement(model, chosen), cuts=())
-    network = FeedbackNetwork(model, broken, FeedbackMatrices("normal", 0))
+    network = DFA(model, chosen, placement=broken)
     try:
         with pytest.raises(LocalityError, match=r"LEAK blocks\.0\.conv2\.weight receives gradient from "
                                                 r"blocks\.1\.unit1, blocks\.2\.unit1"):

@@ -1,5 +1,5 @@
 """What every grape_hf image classifier shares: the forward contract, the loss, the weight init and
-the feedback-point declaration read by `grape_hf.placement`.
+the feedback-point declaration read by `grape_hf.direct.placement`.
 
 A model declares its feedback points in `_feedback_points`: setting ("micro", "macro") -> module-name
 patterns (`*` stands for one dotted component, as in `feedback_modules`). Each point is a *unit*: a

@@ -1,6 +1,7 @@
-"""BP: stock backpropagation. No points, no hooks: `GrapeTrainer` runs the stock `Trainer` step."""
+"""BP: stock backpropagation. Nothing is installed, so `GrapeTrainer.feedback` is None and the
+Trainer's own step runs, bit for bit."""
 
 
-def build(model, args) -> None:
-    """Install nothing."""
+def no_rule(model, args) -> None:
+    """Install nothing on `model`."""
     return None

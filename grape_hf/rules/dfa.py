@@ -1,13 +1,118 @@
-"""DFA (Nøkland 2016): every feedback point receives `B_k e`, with `B_k` fixed and random."""
+"""DFA (Nøkland 2016): every feedback point receives `B_k e`, with `B_k` fixed and random.
 
-from ..points import FeedbackNetwork, install
-from .grape import GrapeAligner
+`DFA` is also the base of the other direct rules: GrAPE (`grape.py`) aligns its matrices, DRTP
+(`drtp.py`) projects the one-hot target instead of the error. It installs the mechanism of
+`grape_hf.direct` (placement, matrices, the feedback network) and adds nothing to the training
+forward but, with `alignment_probe_steps`, a measuring-only Jacobian estimate every that many steps
+whose cos(B_k, T_k) is logged as GrAPE logs it (the matrices never change).
+"""
+
+import contextlib
+
+import torch
+
+from ..direct.estimate import JacobianEstimator, cosine
+from ..direct.network import TAP, FeedbackNetwork
+from ..direct.placement import Placement, resolve_placement
+from ..rule import Rule
+from ..running_means import RunningMeans
+
+ALIGNER = "aligner."  # prefix of the estimator's (and GrAPE's) entries in the saved state
 
 
-def build(model, args) -> FeedbackNetwork:
-    """Install points, cuts and the error tap of `args.setting` on `model`, with fixed random matrices.
-    With `alignment_probe_steps`, a measuring-only `GrapeAligner` logs cos(B_k, T_k) as GrAPE does."""
-    network = install(model, args)
-    if args.alignment_probe_steps:
-        network.aligner = GrapeAligner(network, args, learn=False)
-    return network
+class DFA(Rule):
+    """Points, cuts and the error tap of `args.setting` (or `feedback_modules`) on `model`.
+
+    Args:
+        model, args: as `Rule`.
+        placement: where the feedback goes (default: resolved from `args`; tests pass broken ones).
+
+    Attributes:
+        placement: the points, cuts and head.
+        network: the installed `FeedbackNetwork`.
+        estimator: the `JacobianEstimator` of the estimating forwards, or None (DFA without the probe).
+        estimate_steps: estimate every this many optimizer steps (0: never).
+    """
+
+    name = "dfa"
+
+    def __init__(self, model, args, placement: Placement | None = None):
+        super().__init__(model, args)
+        self.placement = placement if placement is not None else resolve_placement(model, args)
+        self.point_names = self.placement.point_names
+        self.head = self.placement.head
+        self.error_point = self.placement.error_point
+        self.network = FeedbackNetwork(model, self.placement, self.matrices, self.hook, self.signal_for_forward)
+        self.alignment = args.grape_alignment
+        self.estimate_steps = self.estimate_every(args)
+        self.estimator = JacobianEstimator(self.network, args.feedback_seed) if self.estimate_steps else None
+        self.cosines = RunningMeans("alignment")  # cos(B_k, T_k) of each estimate, since the last log
+
+    signal_for_forward = None  # DFA projects the error itself (DRTP: the target)
+
+    def estimate_every(self, args) -> int:
+        """DFA estimates only for the probe: every `alignment_probe_steps` steps (0: never)."""
+        return args.alignment_probe_steps
+
+    def remove(self) -> None:
+        super().remove()
+        self.network.clear()
+
+    def forward(self, forward, inputs, step, first_micro_batch):
+        """The hooked forward; on the probe's steps (first micro-batch), with a measuring-only estimate."""
+        if self.estimator is None or not first_micro_batch or step % self.estimate_steps:
+            return forward(inputs)
+        with self.estimator.estimating(self.model) as estimate:
+            result = forward(inputs)
+        self.log_alignment(self.estimator.targets(estimate))
+        return result
+
+    def log_alignment(self, estimates: dict[str, torch.Tensor]) -> None:
+        """Add cos(B_k, T_k) of this step's estimates to the next log line."""
+        matrices = self.matrices.tensors
+        self.cosines.add({name: float(cosine(matrices[name], t, self.alignment)) for name, t in estimates.items()})
+
+    def pop_logs(self) -> dict[str, float]:
+        return self.cosines.pop()
+
+    # Modes --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def bp_step(self):
+        with super().bp_step(), self.network.bypassed():
+            yield
+
+    def observing(self):
+        return self.network.observing()
+
+    def audit_sources(self) -> tuple[str, ...]:
+        return (*self.point_names, TAP)
+
+    def isolating(self, source: str):
+        return self.network.isolating(source)
+
+    # State --------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """With an estimator, `aligner.estimates_seen` and `aligner.generator` (see `JacobianEstimator`)."""
+        if self.estimator is None:
+            return {}
+        return {ALIGNER + key: value for key, value in self.estimator.state_dict().items()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        aligner = {key.removeprefix(ALIGNER): value for key, value in state.items() if key.startswith(ALIGNER)}
+        unknown = sorted(key for key in state if not key.startswith(ALIGNER))
+        if unknown:
+            raise ValueError(f"Unknown feedback state entries {unknown} in {where}: expected 'matrices.<point>' or "
+                             "'aligner.<key>'.")
+        if aligner and self.estimator is None:
+            raise ValueError(f"{where} holds an aligner's state (GrAPE's, or DFA's with alignment_probe_steps) but "
+                             "this run has no aligner: use the checkpoint's rule and alignment_probe_steps.")
+        self.load_aligner_state(aligner, where)
+
+    def load_aligner_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Restore the `aligner.*` entries (prefix removed): the estimator's."""
+        if self.estimator is None:
+            return
+        unknown = sorted(set(state) - {"estimates_seen", "generator"})
+        if unknown:
+            raise ValueError(f"Unknown aligner state {unknown} in {where}.")
+        self.estimator.load_state_dict(state)

@@ -5,8 +5,8 @@ random learning signals allow for feedforward training of deep neural networks",
 carries the error's sign (`e = y - y*`), so no error needs to travel back to the hidden layers and
 they can update as soon as the forward pass reaches them. The output layer still gets the true error.
 
-The points, cuts and hub are DFA's (`FeedbackNetwork`); only what the hub projects changes
-(`point_signal`). The labels are read from the model call (`labels=`), and the scale follows the
+The points, cuts and tap are DFA's (`FeedbackNetwork`); only what the tap projects changes
+(`signal_for_forward`). The labels are read from the model call (`labels=`), and the scale follows the
 loss the way `e` does: the signal is `c y* / N`, with N the examples in the batch (the mean of the
 loss) and `c` the gradient that reaches the model's loss (loss scaling, gradient accumulation),
 read by `LossGrad` in the same backward.
@@ -14,59 +14,20 @@ read by `LossGrad` in the same backward.
 
 import torch
 
-from ..points import FeedbackNetwork, install
+from ..direct.placement import resolve_placement
+from .dfa import DFA
 
 
-class LossGrad(torch.autograd.Function):
-    """Forward: the loss unchanged. Backward: keeps the gradient reaching the loss in `network.loss_grad`."""
+class Target:
+    """The signal of one training forward: its labels (N,), read from the model call, and `loss_grad`,
+    the gradient that reaches the model's loss in that forward's backward (None until then, as in
+    the locality audit, whose backward starts at the tap: then 1)."""
 
-    @staticmethod
-    def forward(ctx, network: "TargetProjection", loss: torch.Tensor):
-        ctx.network = network
-        return loss.view_as(loss)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.network.loss_grad = grad
-        return None, grad
-
-
-class TargetProjection(FeedbackNetwork):
-    """DFA's feedback network whose points receive the projected one-hot target.
-
-    Attributes:
-        labels: the class labels (N,) of the last training forward.
-        loss_grad: the gradient that reached the model's loss in the running backward (None until then:
-            the locality audit, whose backward starts at the tap, uses 1).
-    """
-
-    def __init__(self, model, placement, matrices):
-        if placement.error_point != "logits":
-            raise ValueError(
-                f"DRTP projects the one-hot target, which lives where the logits do, but the error of "
-                f"{type(model).__name__} is read at the head's input (error_point='{placement.error_point}'). Use "
-                "error_point='logits' on a classifier."
-            )
-        super().__init__(model, placement, matrices)
-        self.labels: torch.Tensor | None = None
+    def __init__(self, labels: torch.Tensor | None):
+        self.labels = labels
         self.loss_grad: torch.Tensor | None = None
-        self._handles.append(model.register_forward_pre_hook(self._read_labels, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._watch_loss))
 
-    def _read_labels(self, module, args, kwargs):
-        if self._active():
-            self.labels = kwargs.get("labels")
-            self.loss_grad = None
-
-    def _watch_loss(self, module, args, output):
-        # A ModelOutput or dict with a loss; a model returning tuples keeps c = 1 (no loss scaling seen).
-        loss = output.get("loss") if isinstance(output, dict) else None
-        if not self._active() or self._observing or loss is None or not loss.requires_grad:
-            return None
-        output["loss"] = LossGrad.apply(self, loss)
-        return output
-
-    def point_signal(self, error: torch.Tensor) -> torch.Tensor:
+    def __call__(self, error: torch.Tensor) -> torch.Tensor:
         """`c y* / N`: the one-hot target (N, classes) in place of the error (N, classes)."""
         labels = self.labels
         if labels is None:
@@ -82,6 +43,50 @@ class TargetProjection(FeedbackNetwork):
         return target * scale / len(labels)
 
 
-def build(model, args) -> TargetProjection:
-    """DFA's points, cuts and tap of `args.setting` on `model`, projecting the target (error_point must be 'logits')."""
-    return install(model, args, TargetProjection)
+class LossGrad(torch.autograd.Function):
+    """Forward: a copy of the loss (a copy, so that the Trainer may scale it in place). Backward: keeps
+    the gradient reaching the loss in the forward's `Target`."""
+
+    @staticmethod
+    def forward(ctx, target: Target, loss: torch.Tensor):
+        ctx.target = target
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.target.loss_grad = grad
+        return None, grad
+
+
+class DRTP(DFA):
+    """DFA's points, cuts and tap, projecting each forward's `Target` instead of the error."""
+
+    name = "drtp"
+
+    def __init__(self, model, args, placement=None):
+        placement = placement if placement is not None else resolve_placement(model, args)
+        if placement.error_point != "logits":
+            raise ValueError(
+                f"DRTP projects the one-hot target, which lives where the logits do, but the error of "
+                f"{type(model).__name__} is read at the head's input (error_point='{placement.error_point}'). Use "
+                "error_point='logits' on a classifier."
+            )
+        super().__init__(model, args, placement)
+        self._target: Target | None = None  # this forward's, from its start to the tap
+        self.hook(model.register_forward_pre_hook(self._read_labels, with_kwargs=True))
+        self.hook(model.register_forward_hook(self._watch_loss))
+
+    def signal_for_forward(self) -> Target:
+        """The signal the tap projects in this forward."""
+        return self._target if self._target is not None else Target(None)
+
+    def _read_labels(self, module, args, kwargs):
+        self._target = Target(kwargs.get("labels")) if self._active() else None
+
+    def _watch_loss(self, module, args, output):
+        # A ModelOutput or dict with a loss; a model returning tuples keeps c = 1 (no loss scaling seen).
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if not self._active() or self._target is None or loss is None or not loss.requires_grad:
+            return None
+        output["loss"] = LossGrad.apply(self._target, loss)
+        return output

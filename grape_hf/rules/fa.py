@@ -16,9 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..feedback import FeedbackMatrices
-from ..placement import Placement
-from .hooked import HookedRule, not_applicable
+from ..rule import Rule
 
 FA_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -83,7 +81,7 @@ def fa_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-class FeedbackAlignment(HookedRule):
+class FA(Rule):
     """FA's hooks on every weight layer of a model, and their random matrices.
 
     Attributes:
@@ -93,18 +91,18 @@ class FeedbackAlignment(HookedRule):
             layer, whose input needs no gradient, never uses its matrix.
     """
 
-    rule = "fa"
-    audit_reason = ("FA sends the error through every layer in turn, so there is no segment to isolate. The locality "
-                    "audit applies to 'dfa', 'grape' and 'drtp'.")
+    name = "fa"
+    points_reason = ("FA sends the error through every layer in turn, so there is no segment to isolate and no "
+                     "point to probe. The locality audit, like the probe, applies to 'dfa', 'grape' and 'drtp'.")
 
-    def __init__(self, model: nn.Module, matrices: FeedbackMatrices):
-        self.layers = fa_layers(model)
-        super().__init__(model, matrices)
-        self.point_names = tuple(self.layers)
-        self.placement = Placement(points=self.point_names, embedding_block=None, cuts=(),
-                                   tap_module=self.point_names[-1], error_point="logits")
+    def __init__(self, model: nn.Module, args):
+        layers = fa_layers(model)
+        super().__init__(model, args)
+        self.layers = layers
+        self.point_names = tuple(layers)
+        self.head = self.point_names[-1]
         self._inputs: dict[str, list[torch.Tensor]] = {}  # layer -> inputs awaiting their output hook
-        for name, layer in self.layers.items():
+        for name, layer in layers.items():
             self.hook(layer.register_forward_pre_hook(self._make_input_hook(name)))
             self.hook(layer.register_forward_hook(self._make_output_hook(name)))
 
@@ -129,11 +127,3 @@ class FeedbackAlignment(HookedRule):
                                        output.device)
             return RandomFeedback.apply(module, matrix, output, waiting.pop())
         return feedback
-
-
-def build(model, args) -> FeedbackAlignment:
-    """FA on every nn.Linear / nn.Conv2d of `model`, matrices of `args.feedback_init` seeded by `args.feedback_seed`."""
-    if args.alignment_probe_steps:
-        raise not_applicable("fa", "alignment probe", "it projects no error to feedback points; set "
-                                                      "alignment_probe_steps=0.")
-    return FeedbackAlignment(model, FeedbackMatrices(args.feedback_init, args.feedback_seed))

@@ -15,9 +15,9 @@ constant input, gets the batch sum of the same left factor. `h_l` is the input o
 the activity after the nonlinearity (and dropout, whose masks are made the same in both passes by
 replaying the random state).
 
-How one backward delivers it (DESIGN section 2: no `.grad` written by hand, no nested backward): the
+How one backward delivers it (no `.grad` written by hand, no nested backward, see ARCHITECTURE.md): the
 modulated pass cuts every layer's input, so each nn.Linear output y_l sees only its own weights; the
-returned loss (the standard pass's value) is tied to those outputs by `PepitaHub`, whose backward hands
+returned loss (the standard pass's value) is tied to those outputs by `PepitaDeltas`, whose backward hands
 y_l the gradient `c (h_l - h_l^mod) / N` (output layer: `c e / N`), with c the gradient reaching the
 loss (loss scaling, gradient accumulation). The weight gradient of a linear layer is exactly
 `grad(y_l)^T h_{l-1}^mod`: PEPITA's update.
@@ -36,15 +36,15 @@ import math
 import torch
 from torch import nn
 
-from ..feedback import FeedbackMatrices, point_seed
-from ..placement import Placement, find_head
-from .hooked import HookedRule, not_applicable
+from ..direct.matrices import point_seed
+from ..direct.placement import find_head
+from ..rule import Rule
 
 INPUT = "input"  # name of F among the matrices: it projects the error onto the input
 MIRROR = "mirror."  # prefix of F's per-layer factors under weight mirroring
 
 
-class PepitaHub(torch.autograd.Function):
+class PepitaDeltas(torch.autograd.Function):
     """Forward: the standard pass's loss. Backward: `c * delta_l` for each layer output y_l."""
 
     @staticmethod
@@ -86,7 +86,7 @@ def pepita_layers(model: nn.Module, head: str) -> dict[str, nn.Linear]:
     return layers
 
 
-class Pepita(HookedRule):
+class PEPITA(Rule):
     """PEPITA's hooks on the nn.Linear layers of an MLP, the matrix F, and the two-pass training forward.
 
     Attributes:
@@ -98,23 +98,24 @@ class Pepita(HookedRule):
             noise standard deviation.
     """
 
-    rule = "pepita"
-    audit_reason = ("its updates come from a second forward pass, not from feedback points, and every layer's input "
-                    "is already cut in that pass. The locality audit applies to 'dfa', 'grape' and 'drtp'.")
+    name = "pepita"
+    points_reason = ("its updates come from a second forward pass, not from feedback points, and every layer's input "
+                     "is already cut in that pass. The locality audit, like the probe, applies to "
+                     "'dfa', 'grape' and 'drtp'.")
 
-    def __init__(self, model: nn.Module, matrices: FeedbackMatrices, head: str, args):
+    def __init__(self, model: nn.Module, args):
+        head = find_head(model, args.head_module)
         self.layers = pepita_layers(model, head)
-        super().__init__(model, matrices)
+        super().__init__(model, args)
+        self.head = head
         self.f_scale = args.pepita_f_scale
         self.mirror_lr = args.pepita_mirror_lr
         self.mirror_decay = args.pepita_mirror_weight_decay
         self.mirror_noise = args.pepita_mirror_noise
         self.point_names = tuple(MIRROR + name for name in self.layers) if self.mirror_lr else (INPUT,)
-        self._noise_seed = point_seed(matrices.seed, "mirror noise")
+        self._noise_seed = point_seed(self.matrices.seed, "mirror noise")
         self._noise: torch.Generator | None = None  # the mirroring noise, seeded from feedback_seed
         self._noise_state: torch.Tensor | None = None  # a checkpoint's generator state, not yet applied
-        self.placement = Placement(points=tuple(self.layers), embedding_block=None, cuts=(), tap_module=head,
-                                   error_point="logits")
         self._first = next(iter(self.layers.values()))
         self._pass: str | None = None  # None (hooks idle), "standard" or "modulated"
         self._error: torch.Tensor | None = None  # e (N, classes) during the modulated pass
@@ -159,18 +160,15 @@ class Pepita(HookedRule):
             self.matrices.tensors[MIRROR + name] = factor
         return factors
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """`matrices.<name>` and, once mirroring drew noise, `mirror_noise` (its generator's uint8 state)."""
-        state = super().state_dict()
-        if self._noise is not None:
-            state["mirror_noise"] = self._noise.get_state()
-        return state
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Once mirroring drew noise, `mirror_noise` (its generator's uint8 state)."""
+        return {"mirror_noise": self._noise.get_state()} if self._noise is not None else {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: str | None = None) -> None:
-        """Restore what `state_dict` returned (the noise generator is rebuilt from the saved state)."""
+    def load_extra_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Restore `extra_state` (the noise generator is rebuilt from the saved state when `mirror` runs)."""
         state = dict(state)
-        self._noise_state = state.pop("mirror_noise", None)  # applied when `mirror` makes the generator
-        super().load_state_dict(state, source)
+        self._noise_state = state.pop("mirror_noise", None)
+        super().load_extra_state(state, where)
         self._noise = None
 
     def mirror(self, batch_size: int, device: torch.device) -> None:
@@ -195,7 +193,7 @@ class Pepita(HookedRule):
             mirrored.append(factor + self.mirror_lr * (x.T @ y / batch_size - self.mirror_decay * factor))
         self._normalize(mirrored)
 
-    def training_forward(self, forward, inputs: dict) -> tuple[torch.Tensor, object]:
+    def forward(self, forward, inputs: dict, step: int, first_micro_batch: bool) -> tuple[torch.Tensor, object]:
         """PEPITA's two passes on `inputs`; `forward(inputs)` is the Trainer's loss computation and
         returns (loss, outputs). Returns the standard pass's (loss, outputs), the loss tied to the
         modulated pass so that its backward delivers PEPITA's updates."""
@@ -223,7 +221,7 @@ class Pepita(HookedRule):
         n = len(labels)
         deltas = [(standard[l + 1][1].float() - modulated[l + 1][1].float()) / n for l in range(len(standard) - 1)]
         deltas.append(error / n)
-        return PepitaHub.apply(deltas, loss, *[output for _, _, output in modulated]), outputs
+        return PepitaDeltas.apply(deltas, loss, *[output for _, _, output in modulated]), outputs
 
     def _run(self, name: str, forward, inputs):
         self._pass = name
@@ -257,12 +255,3 @@ class Pepita(HookedRule):
             if self._pass is not None:
                 self._seen[-1] = (name, self._seen[-1][1], output)
         return record
-
-
-def build(model, args) -> Pepita:
-    """PEPITA on the MLP `model` (its output layer: `args.error_module`, or its classifier)."""
-    if args.alignment_probe_steps:
-        raise not_applicable("pepita", "alignment probe", "it projects no error to feedback points; set "
-                                                          "alignment_probe_steps=0.")
-    return Pepita(model, FeedbackMatrices(args.feedback_init, args.feedback_seed), find_head(model, args.error_module),
-                  args)

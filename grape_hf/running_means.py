@@ -1,4 +1,4 @@
-"""Running means of per-point figures between two Trainer log lines."""
+"""Running means of per-point figures between two Trainer log lines (alignment cosines)."""
 
 
 class RunningMeans:

@@ -1,23 +1,21 @@
 """The locality audit: proof that no gradient crosses a feedback point.
 
-One forward pass on a batch, then one backward per source (each point, and the tap's own error
-`e`) from the tap's output, with the hub letting only that source's signal through. A parameter
+One forward pass on a batch (as the rule trains: `Rule.as_trained`), then one backward per source
+(each point, and the tap's own error `e`) from the tap's output, with the tap letting only that
+source's signal through (`Rule.isolating`). `grape_hf.audit_locality(model, batch, args)` installs
+the rule of `args`, audits it and removes it again. A parameter
 that receives gradient from two sources has a gradient path across a point: a leak. A parameter
 shared by several modules (GPT-2 ties its input embedding to the output head) may receive one
 signal per module that holds it. Parameters above the tap (the head) are trained by true BP from
 the loss and are not part of the audit's backward.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .points import TAP, FeedbackNetwork
-from .rules import RULES
-from .rules.grape import estimating_forward
-from .rules.hooked import not_applicable
+from ..rule import Rule
 
 
 class LocalityError(AssertionError):
@@ -61,23 +59,21 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
     return holders
 
 
-def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict,
-                  raise_on_leak: bool = True) -> LocalityReport:
-    """Audit `network` installed on `model` with one batch of model inputs.
+def audit_network(model: nn.Module, rule: Rule, batch: dict, raise_on_leak: bool = True) -> LocalityReport:
+    """Audit `rule` installed on `model` with one batch of model inputs.
 
     Args:
         batch: keyword inputs of `model` (tensors on the model's device), e.g. input_ids (B, T).
         raise_on_leak: raise `LocalityError` naming the leaking parameters (default) or only report.
     """
-    if not isinstance(network, FeedbackNetwork):  # FA, PEPITA: hooks on every layer, no segment to isolate
-        raise not_applicable(network.rule, "feedback points to audit", network.audit_reason)
+    sources = rule.audit_sources()  # refuses rules without feedback points (FA, PEPITA), with the reason
     params = [p for p in model.parameters() if p.requires_grad]
     holders = _holders(model)
     captured = []
-    head = model.get_submodule(network.placement.tap_module)
+    head = model.get_submodule(rule.head)
     # The tap's output: the head's input (pre-hook) or its output (hook); registered after the
-    # network's own hooks, so it sees the hub's output.
-    if network.placement.error_point == "head_input":
+    # rule's own hooks, so it sees the tap's output.
+    if rule.error_point == "head_input":
         handle = head.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     else:
         handle = head.register_forward_hook(lambda m, args, out: captured.append(out[0] if isinstance(out, tuple)
@@ -85,26 +81,21 @@ def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict,
     was_training = model.training
     model.eval()  # dropout off: the same graph for every source
     try:
-        # Under GrAPE, audit the forward as it trains: with dual tensors and perturbed tangents.
-        dual = estimating_forward(network, model) if network.aligner is not None else contextlib.nullcontext()
-        with torch.enable_grad(), dual:
+        with torch.enable_grad(), rule.as_trained():
             model(**batch)
     finally:
         handle.remove()
         model.train(was_training)
     if not captured:
-        raise RuntimeError(f"The forward pass never reached the error tap at {network.tap_name}.")
+        raise RuntimeError(f"The forward pass never reached the error tap at {rule.tap_name}.")
     z = captured[-1]
     error = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
 
     receivers: dict[str, list[str]] = {}
     received_from: dict[int, list[str]] = {}
-    for source in (*network.point_names, TAP):
-        network.audit_source = source
-        try:
+    for source in sources:
+        with rule.isolating(source):
             grads = torch.autograd.grad(z, params, error, retain_graph=True, allow_unused=True)
-        finally:
-            network.audit_source = None
         reached = [p for p, g in zip(params, grads) if g is not None and bool(g.ne(0).any())]
         receivers[source] = [holders[id(p)][0] for p in reached]
         for p in reached:
@@ -117,22 +108,10 @@ def audit_network(model: nn.Module, network: FeedbackNetwork, batch: dict,
             report.leaks[holders[id(p)][0]] = sources
         if not sources:
             report.unreached.append(holders[id(p)][0])
-    for point in network.placement.points:
+    for point in rule.placement.points:
         own = {id(p) for p in model.get_submodule(point).parameters() if p.requires_grad}
         if own and not own.intersection(id(p) for p in params if point in received_from.get(id(p), [])):
             report.idle_points.append(point)
     if raise_on_leak and not report.ok:
         raise LocalityError("Locality audit failed:\n" + report.describe())
     return report
-
-
-def audit_locality(model: nn.Module, batch: dict, args, raise_on_leak: bool = True) -> LocalityReport:
-    """Install the feedback of `args` (a `GrapeTrainingArguments`) on `model`, audit it on `batch`,
-    and remove it again. Raises `LocalityError` naming the leaking parameters."""
-    network = RULES[args.rule](model, args)
-    if network is None:
-        raise ValueError(f"rule={args.rule!r} has no feedback points to audit; use a feedback rule such as 'dfa'.")
-    try:
-        return audit_network(model, network, batch, raise_on_leak)
-    finally:
-        network.remove()

@@ -19,7 +19,7 @@ Args:
 Returns:
     accuracy (float or int): the fraction (or number, or weighted sum) of correct predictions.
 Examples:
-    >>> accuracy = evaluate.load("grape_hf/eval_metrics/accuracy")
+    >>> accuracy = evaluate.load("grape_hf/data/eval_metrics/accuracy")
     >>> accuracy.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
     {'accuracy': 0.75}
 """

@@ -48,14 +48,14 @@ class Placement:
         points: names of the modules whose output is a feedback point, in forward order.
         embedding_block: the block whose input is the `EMBEDDINGS` point, or None for no such point.
         cuts: names of the modules whose tensor inputs are detached (every block).
-        tap_module: name of the output head around which the error tap sits.
+        head: name of the output head around which the error tap sits.
         error_point: "head_input" (the tap is the head's input) or "logits" (the head's output).
     """
 
     points: tuple[str, ...]
     embedding_block: str | None
     cuts: tuple[str, ...]
-    tap_module: str
+    head: str
     error_point: str
 
     @property
@@ -76,11 +76,11 @@ def find_blocks(model: nn.Module) -> list[str]:
     return blocks
 
 
-def find_head(model: nn.Module, error_module: str | None = None) -> str:
-    """Name of the output head: `error_module`, else the output embeddings, else `classifier`/`score`."""
-    if error_module is not None:
-        model.get_submodule(error_module)  # raises AttributeError naming the missing module
-        return error_module
+def find_head(model: nn.Module, head_module: str | None = None) -> str:
+    """Name of the output head: `head_module`, else the output embeddings, else `classifier`/`score`."""
+    if head_module is not None:
+        model.get_submodule(head_module)  # raises AttributeError naming the missing module
+        return head_module
     candidates = []
     if hasattr(model, "get_output_embeddings"):
         candidates.append(model.get_output_embeddings())
@@ -92,7 +92,7 @@ def find_head(model: nn.Module, error_module: str | None = None) -> str:
     raise ValueError(
         f"{type(model).__name__} has no output head (looked for its output embeddings and the attributes "
         f"{', '.join(HEAD_ATTRIBUTES)}), so there are no logits or head input to read the error from. Use a model "
-        "with a head (e.g. GPT2LMHeadModel, ViTForImageClassification) or name the head with `error_module`."
+        "with a head (e.g. GPT2LMHeadModel, ViTForImageClassification) or name the head with `head_module`."
     )
 
 
@@ -162,14 +162,14 @@ def resolve_placement(model: nn.Module, args) -> Placement:
             points += [f"{block}.{sub}" for sub in MICRO_SUBLAYERS[block_class]]
 
     error_point = args.error_point or default_error_point(model)
-    tap_module = find_head(model, args.error_module)
-    if tap_module in points:
-        raise ValueError(f"The output head {tap_module!r} cannot also be a feedback point.")
+    head = find_head(model, args.head_module)
+    if head in points:
+        raise ValueError(f"The output head {head!r} cannot also be a feedback point.")
     return Placement(
         points=tuple(points),
         # A model that declares its points declares its first one too (a stem or first layer is a unit).
         embedding_block=blocks[0] if (args.feedback_embeddings and blocks and not declared) else None,
         cuts=tuple(blocks),
-        tap_module=tap_module,
+        head=head,
         error_point=error_point,
     )

@@ -1,7 +1,7 @@
 """The feedback matrices `B_k`: one per feedback point, created on first use, seeded per point.
 
 `B_k` has shape (point_features, error_features): it maps the error's features to the point's
-features, the leading (batch, sequence) dimensions being shared (DESIGN section 2). So the
+features, the leading (batch, sequence) dimensions being shared (ARCHITECTURE.md). So the
 feedback of point k is `e @ B_k.T`, an estimate of the true `J_k^T e` with `J_k = dz/dh_k`.
 The matrices live here, never in the model, so a trained model stays a plain checkpoint.
 """

@@ -1,0 +1,155 @@
+"""Forward-mode Jacobian estimates at the feedback points (GrAPE's estimate; DFA's alignment probe).
+
+In the training forward itself, under `forward_ad.dual_level()`, every point k adds a fresh
+`u_k ~ N(0, I)` to the forward tangent (`FeedbackNetwork.estimating`). The tangent reaching the
+tap is `d = sum_k J_k u_k`, and `T_k = mean over batch dims of outer(u_k, d)` is an unbiased
+estimate of `J_k^T`: its expectation is the mean over positions n of `(dz_n / dh_k,n)^T`, every
+cross term (other points, other positions through attention) vanishing. No backward pass is involved.
+"""
+
+import contextlib
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from accelerate import PartialState
+from accelerate.utils import reduce
+
+from .forward_ad import estimating_kernels
+from .matrices import point_seed
+from .network import Estimate, FeedbackNetwork
+
+EPS = 1e-12
+
+
+def jacobian_estimate(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """`T = mean over batch dims of outer(u, d)`, an estimate of `J^T`.
+
+    Args:
+        u: (*lead, *point_features), the point's perturbation.
+        d: (*lead, error_features), the tangent at the tap.
+    Returns:
+        (prod(point_features), error_features), float32.
+    """
+    d_flat = d.reshape(-1, d.shape[-1]).float()
+    u_flat = u.reshape(d_flat.shape[0], -1).float()
+    return u_flat.T @ d_flat / d_flat.shape[0]
+
+
+def cosine(matrix: torch.Tensor, target: torch.Tensor, alignment: str) -> torch.Tensor:
+    """cos(B, T): of the whole matrices ('frobenius') or the mean of per-column cosines ('columns')."""
+    if alignment == "frobenius":
+        return (matrix * target).sum() / (matrix.norm() * target.norm()).clamp_min(EPS)
+    per_column = (matrix * target).sum(0) / (matrix.norm(dim=0) * target.norm(dim=0)).clamp_min(EPS)
+    return per_column.mean()
+
+
+def _failing_module(error: BaseException, model) -> str:
+    """'name (Class)' of the innermost module of `model` on the error's traceback."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = f"the model ({type(model).__name__})"
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if id(module) in names and names[id(module)]:
+            found = f"{names[id(module)]} ({type(module).__name__})"
+        tb = tb.tb_next
+    return found
+
+
+@contextlib.contextmanager
+def estimating_forward(network: FeedbackNetwork, model, draw):
+    """Run the forward inside with dual tensors: each point adds `draw(name, h_k)` to its tangent;
+    yields the network's `Estimate` (perturbations, and the tangent at the tap after the forward)."""
+    with fwAD.dual_level(), estimating_kernels(model), network.estimating(draw) as estimate:
+        try:
+            yield estimate
+        except (RuntimeError, NotImplementedError) as error:
+            if "forward AD" not in str(error) and "jvp" not in str(error):
+                raise
+            raise RuntimeError(
+                f"GrAPE's forward-mode Jacobian estimate needs forward AD through every op of "
+                f"{type(model).__name__}, and one in {_failing_module(error, model)} has none: "
+                f"{str(error).splitlines()[0]} Use rule='dfa', or replace that op (attention is already switched "
+                "to kernels with forward AD)."
+            ) from error
+
+
+class JacobianEstimator:
+    """Seeded perturbations and the estimates `T_k` they give, the same on every process.
+
+    Every process draws the perturbations of the global batch and keeps its own slice, so N
+    processes of batch b perturb exactly as one process of batch N*b (the price: N times the random
+    numbers, one point at a time), and the estimates are averaged across processes.
+
+    Args:
+        network: the installed `FeedbackNetwork` whose points are perturbed.
+        seed: the feedback seed (the generator's seed is derived from it).
+
+    Attributes:
+        estimates_seen: how many estimates `targets` returned (GrAPE's cumulative average counts them).
+    """
+
+    def __init__(self, network: FeedbackNetwork, seed: int):
+        self.network = network
+        self.seed = point_seed(seed, "perturbations")
+        self.estimates_seen = 0
+        self._generator: torch.Generator | None = None
+        self._saved_state: torch.Tensor | None = None  # from a checkpoint, applied when the generator is made
+        self._shard = (0, 1)  # (this process, processes)
+
+    @contextlib.contextmanager
+    def estimating(self, model):
+        """The estimating forward of `model` (see `estimating_forward`), perturbed by this estimator;
+        yields the `Estimate`, to pass to `targets` afterwards."""
+        self._prepare(model.device)
+        with estimating_forward(self.network, model, self.draw) as estimate:
+            yield estimate
+
+    def draw(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """`u ~ N(0, I)` of `like`'s shape (batch, ...): this process's slice of the global batch's draw."""
+        rank, processes = self._shard
+        shape = (like.shape[0] * processes, *like.shape[1:])
+        u = torch.randn(shape, generator=self._generator, device=like.device, dtype=like.dtype)
+        if processes == 1:
+            return u
+        return u[rank * like.shape[0]:(rank + 1) * like.shape[0]].clone()  # a copy frees the rest of the draw
+
+    def targets(self, estimate: Estimate) -> dict[str, torch.Tensor]:
+        """`T_k` (point_features, error_features) per point of `estimate`, averaged across processes."""
+        if estimate.tangent is None:
+            raise RuntimeError(f"The forward pass never reached the error tap at {self.network.tap_name}.")
+        self.estimates_seen += 1
+        return {name: reduce(jacobian_estimate(u, estimate.tangent), reduction="mean")  # same on all processes
+                for name, u in estimate.perturbations.items()}
+
+    def _prepare(self, device: torch.device) -> None:
+        """The generator on `device` (seeded, or in a checkpoint's state) and this process's slice."""
+        state = PartialState()
+        self._shard = (state.process_index, state.num_processes)
+        if self._generator is not None and self._generator.device == device:
+            return
+        saved, self._saved_state = self._saved_state, None
+        self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        if saved is not None:
+            try:
+                self._generator.set_state(saved)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"The saved perturbation generator state ({saved.numel()} bytes) does not fit a generator on "
+                    f"{device} ({error}): GrAPE resumes exactly only on the device type it was saved on. Resume "
+                    "on that device type, or start a fresh run."
+                ) from error
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """`estimates_seen` (a 0-d int64) and, once an estimate was drawn, `generator` (its uint8 state)."""
+        state = {"estimates_seen": torch.tensor(self.estimates_seen, dtype=torch.int64)}
+        generator = self._generator.get_state() if self._generator is not None else self._saved_state
+        if generator is not None:
+            state["generator"] = generator
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_dict`; the generator state is applied when the next estimate makes the generator."""
+        self.estimates_seen = int(state["estimates_seen"]) if "estimates_seen" in state else 0
+        self._saved_state = state.get("generator")
+        self._generator = None

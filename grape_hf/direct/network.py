@@ -1,0 +1,296 @@
+"""The one mechanism of the direct rules (DFA, GrAPE, DRTP): feedback points wired to one error tap.
+
+- A *point* hook records a module's output for the tap and hands the rest of the network a
+  detached copy, so no gradient path runs from one segment to the next.
+- A *cut* hook detaches every tensor a block receives (the residual stream, shared position
+  tensors), so nothing bypasses the points.
+- The *error tap* is one autograd Function (`ErrorTap`) whose inputs are `z` (the head's input or
+  the logits) and every point's tensor. Its forward returns `z`; its backward receives `e = dL/dz`
+  (already loss-scaled and divided for gradient accumulation) and returns `e` for `z` and `B_k e`
+  for point k. So the Trainer's own `accelerator.backward(loss)` reaches every parameter, and each
+  segment gets exactly the local backward of its feedback.
+
+All hooks return at once when gradients are off (evaluation, generation). The network holds no
+rule state; its modes are context managers that its rule enters:
+- `bypassed()`: the hooks do nothing (a true BP step);
+- `observing()`: points and `z` are recorded, nothing is cut (the true-alignment probe);
+- `estimating(draw)`: inside `forward_ad.dual_level()`, each point adds `u_k = draw(name, h_k)` to
+  the forward tangent while cutting the backward path, cuts keep tangents, and the tap keeps the
+  tangent `d = sum_k J_k u_k` that reaches it and hands the head a tangent-free `z` (GrAPE);
+- `isolating(source)`: the tap's backward lets only one source through (the locality audit).
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from .matrices import FeedbackMatrices
+from .placement import EMBEDDINGS, Placement
+
+TAP = "error tap"  # source name of the tap's own error in audits
+
+
+def _identity(error: torch.Tensor) -> torch.Tensor:
+    return error
+
+
+@dataclass
+class Observation:
+    """What an observing forward recorded: `points` (name -> the point's tensor, graph intact), `z`
+    (the tensor at the tap) and `signal` (what the matrices project, as a function of `e`)."""
+
+    network: "FeedbackNetwork"
+    points: dict[str, torch.Tensor] = field(default_factory=dict)
+    z: torch.Tensor | None = None
+    signal: object = _identity
+
+    def feedback(self, error: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`B_k s(e)` for every recorded point, float32, each of its point's shape; `error` (*lead, features)."""
+        signal = self.signal(error)
+        out = {}
+        for name, point in self.points.items():
+            self.network.matrix_for(name, point, self.z)
+            out[name] = self.network.matrices.project(name, signal, point.shape, torch.float32)
+        return out
+
+
+@dataclass
+class Estimate:
+    """An estimating forward: `draw(name, h)` gives point `name`'s perturbation for its tensor `h`;
+    afterwards `perturbations` (name -> u_k, the point's shape) and `tangent` (d = sum_k J_k u_k,
+    the tap's shape; None if the forward never reached the tap)."""
+
+    draw: object
+    perturbations: dict[str, torch.Tensor] = field(default_factory=dict)
+    tangent: torch.Tensor | None = None
+
+
+_BYPASS = "bypass"
+
+
+class ErrorTap(torch.autograd.Function):
+    """Forward: `z` unchanged. Backward: `e` for `z`, `B_k s(e)` for each point tensor (`s`: the
+    rule's signal, the error itself but for DRTP)."""
+
+    @staticmethod
+    def forward(ctx, network: "FeedbackNetwork", names: tuple[str, ...], signal, z: torch.Tensor,
+                *points: torch.Tensor):
+        ctx.network = network
+        ctx.names = names
+        ctx.signal = signal
+        ctx.point_meta = [(p.shape, p.dtype) for p in points]
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, error: torch.Tensor):
+        network = ctx.network
+        only = network.isolated  # None in training; one source name during the locality audit
+        signal = ctx.signal(error)
+        feedback = []
+        for i, (name, (shape, dtype)) in enumerate(zip(ctx.names, ctx.point_meta)):
+            wanted = ctx.needs_input_grad[4 + i] and only in (None, name)
+            feedback.append(network.matrices.project(name, signal, shape, dtype) if wanted else None)
+        return (None, None, None, error if only in (None, TAP) else None, *feedback)
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_output_tensor(output, tensor):
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+def _cut_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with no backward path; a forward-AD tangent, if any, is kept (its value only: the
+    tangent's own autograd history, recorded because its ops involve the parameters, is never
+    used, and dropping it lets the upstream segment's tangent graph go: GrAPE's activations held
+    for backward fell from 1.91x to 1.26x BP's on a GPT-2, see benchmarks/step_time.py)."""
+    primal, tangent = fwAD.unpack_dual(tensor)
+    if tangent is not None:
+        return fwAD.make_dual(primal.detach(), tangent.detach())
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
+def _cut(value):
+    """`value` with every tensor cut (through tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return _cut_tensor(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cut(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _cut(v) for k, v in value.items()}
+    return value
+
+
+class FeedbackNetwork:
+    """Installs a `Placement`'s points, cuts and tap on `model` and projects the error through `matrices`.
+
+    Args:
+        model: the model; hooks are registered through `hook` (the owning rule's, for `remove`).
+        placement: where the points, cuts and tap are.
+        matrices: the feedback matrices by point name, created on first use.
+        hook: keeps a hook handle (`Rule.hook`).
+        make_signal: called at the tap of each training forward; returns the function that maps the
+            error `e` (*lead, error_features) to what the matrices project (default: `e` itself).
+
+    Attributes:
+        isolated: None in training; inside `isolating(source)`, the one source the tap lets through.
+    """
+
+    def __init__(self, model: nn.Module, placement: Placement, matrices: FeedbackMatrices, hook,
+                 make_signal=None):
+        self.placement = placement
+        self.matrices = matrices
+        self.make_signal = make_signal
+        self.isolated: str | None = None
+        self._mode: Observation | Estimate | str | None = None
+        self._recorded: dict[str, torch.Tensor] = {}
+        hook(model.register_forward_pre_hook(self._start_forward))
+        for name in placement.cuts:
+            hook(model.get_submodule(name).register_forward_pre_hook(
+                self._make_cut(record_embeddings=name == placement.embedding_block), with_kwargs=True))
+        for name in placement.points:
+            hook(model.get_submodule(name).register_forward_hook(self._make_point(name)))
+        head = model.get_submodule(placement.head)
+        if placement.error_point == "head_input":
+            hook(head.register_forward_pre_hook(self._tap_input))
+        else:
+            hook(head.register_forward_hook(self._tap_output))
+
+    @property
+    def tap_name(self) -> str:
+        """Where the error is read, e.g. 'lm_head:input' or 'classifier:output'."""
+        side = "input" if self.placement.error_point == "head_input" else "output"
+        return f"{self.placement.head}:{side}"
+
+    def clear(self) -> None:
+        """Drop the tensors of a forward that stopped before the tap."""
+        self._recorded.clear()
+
+    # Modes -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _entered(self, mode):
+        if self._mode is not None:
+            raise RuntimeError(f"The feedback network is already in mode {self._mode!r}; modes do not nest.")
+        self._mode = mode
+        try:
+            yield mode
+        finally:
+            self._mode = None
+
+    def bypassed(self):
+        """Inside, the hooks do nothing: the model runs (and backpropagates) as plain BP."""
+        return self._entered(_BYPASS)
+
+    def observing(self):
+        """Inside, points and the tap only record (yields the `Observation`); nothing is cut."""
+        return self._entered(Observation(self))
+
+    def estimating(self, draw):
+        """Inside (and inside `forward_ad.dual_level()`), points add `draw(name, h_k)` to the tangent;
+        yields the `Estimate`."""
+        return self._entered(Estimate(draw))
+
+    @contextlib.contextmanager
+    def isolating(self, source: str):
+        """Inside, the tap's backward passes only `source` (a point name, or `TAP` for `e` itself)."""
+        self.isolated = source
+        try:
+            yield
+        finally:
+            self.isolated = None
+
+    # Hooks -----------------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return torch.is_grad_enabled() and self._mode != _BYPASS
+
+    def _start_forward(self, module, args):
+        self._recorded.clear()  # a forward that stopped early must not leak tensors into the next
+
+    def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Keep `tensor` for the tap; give the network a copy with no gradient path (plus `u_k` on
+        its tangent while estimating)."""
+        if name in self._recorded:
+            raise RuntimeError(f"Feedback point {name!r} ran twice in one forward pass; a point must be a module "
+                               "that runs once per forward (shared or recomputed modules cannot be points).")
+        primal, tangent = fwAD.unpack_dual(tensor)
+        if primal.requires_grad:
+            self._recorded[name] = primal
+        mode = self._mode
+        if isinstance(mode, Observation):
+            return tensor
+        if not isinstance(mode, Estimate):
+            return primal.detach()
+        u = mode.perturbations[name] = mode.draw(name, primal)
+        return fwAD.make_dual(primal.detach(), u if tangent is None else tangent.detach() + u)  # see _cut_tensor
+
+    def _make_cut(self, record_embeddings: bool):
+        def cut(module, args, kwargs):
+            if not self._active():
+                return None
+            if record_embeddings:
+                if args:
+                    args = (self._record(EMBEDDINGS, args[0]), *args[1:])
+                else:
+                    kwargs["hidden_states"] = self._record(EMBEDDINGS, kwargs["hidden_states"])
+            if isinstance(self._mode, Observation):
+                return None
+            return _cut(args), _cut(kwargs)
+        return cut
+
+    def _make_point(self, name: str):
+        def point(module, args, output):
+            if not self._active():
+                return None
+            return _replace_output_tensor(output, self._record(name, _output_tensor(output)))
+        return point
+
+    def _tap(self, z: torch.Tensor) -> torch.Tensor:
+        """Route `z` and every recorded point through `ErrorTap`; create missing matrices. While
+        estimating, keep z's tangent in the `Estimate` and pass on its primal only."""
+        mode = self._mode
+        signal = self.make_signal() if self.make_signal is not None else _identity
+        if isinstance(mode, Observation):
+            mode.points.update(self._recorded)
+            mode.z, mode.signal = z, signal
+            self._recorded.clear()
+            return z
+        z, tangent = fwAD.unpack_dual(z)
+        if isinstance(mode, Estimate):
+            # Detached: the tangent's own autograd history (its ops involve the parameters) is not needed.
+            mode.tangent = torch.zeros_like(z) if tangent is None else tangent.detach()
+        if not self._recorded:
+            return z
+        names = tuple(self._recorded)
+        points = [self._recorded[n] for n in names]
+        self._recorded.clear()
+        for name, point in zip(names, points):
+            self.matrix_for(name, point, z)
+        return ErrorTap.apply(self, names, signal, z, *points)
+
+    def matrix_for(self, name: str, point: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """B_k for `point` (*lead, *features) and the error `z` (*lead, error_features), created on
+        first use; raises when the point does not share the error's leading dimensions."""
+        lead = z.shape[:-1]
+        if point.shape[: len(lead)] != lead:
+            raise ValueError(
+                f"Feedback point {name!r} has shape {tuple(point.shape)} but the error at "
+                f"{self.tap_name} has shape {tuple(z.shape)}: a point must share the error's leading "
+                f"dimensions {tuple(lead)}. Read the error elsewhere (error_point) or choose other points."
+            )
+        return self.matrices.get(name, math.prod(point.shape[len(lead):]), z.shape[-1], z.device)
+
+    def _tap_input(self, module, args):
+        if not self._active():
+            return None
+        return (self._tap(args[0]), *args[1:])
+
+    def _tap_output(self, module, args, output):
+        if not self._active():
+            return None
+        return _replace_output_tensor(output, self._tap(_output_tensor(output)))
