@@ -6,6 +6,8 @@ fields for its rule only. GrAPE's own fields start with `grape_`, PEPITA's with 
 """
 
 import dataclasses
+import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,8 +18,8 @@ RULE_NAMES = ("bp", "dfa", "grape", "fa", "drtp", "pepita")
 FEEDBACK_RULES = RULE_NAMES[1:]  # every rule but bp
 DIRECT_RULES = ("dfa", "grape", "drtp")  # one error projected to feedback points (grape_hf.direct)
 SETTINGS = ("macro", "micro")
-FEEDBACK_INITS = ("normal", "uniform", "kaiming_uniform")
-ERROR_POINTS = ("head_input", "logits")
+FEEDBACK_INITS = ("normal", "uniform", "kaiming_uniform", "identity")
+ERROR_POINTS = ("head_input", "logits", "residual")
 ALIGNMENTS = ("frobenius", "columns")
 SMOOTHINGS = ("none", "cma", "ema")
 
@@ -36,6 +38,52 @@ def check_choice(name: str, value, choices) -> None:
     """Raise a `ValueError` naming the field, the bad value and the valid values."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+
+
+def check_number(name: str, value, ok, valid: str, integer: bool = False):
+    """`value` if it is a finite number (an integer when `integer`) for which `ok(value)` holds, else a
+    `ValueError` naming the field, the bad value and what is valid (`valid`, e.g. "> 0").
+
+    `HfArgumentParser` hands over numbers of the field's type, but Python callers and JSON/YAML files can pass
+    anything: a string would fail later with a bare `TypeError`, inf would turn the feedback NaN, and a float
+    step count would silently never match `step % n`. A bool is refused although Python counts it a number."""
+    kind = "an integer" if integer else "a finite number"
+    number_type = numbers.Integral if integer else numbers.Real
+    # An int is always finite (and math.isfinite overflows on one too large for a float).
+    if isinstance(value, bool) or not isinstance(value, number_type) or not (integer or math.isfinite(value)):
+        raise ValueError(f"{name}={value!r} must be {kind} {valid}.")
+    if not ok(value):
+        raise ValueError(f"{name}={value!r} must be {valid}.")
+    return int(value) if integer else float(value)
+
+
+# The strings `HfArgumentParser` reads as a bool (its `string_to_bool`), so a Python caller or a JSON/YAML
+# file gets the same meaning as the command line: "no" is False (a plain `bool("no")` is True).
+BOOL_STRINGS = {"yes": True, "true": True, "t": True, "y": True, "1": True,
+                "no": False, "false": False, "f": False, "n": False, "0": False}
+
+
+def check_bool(name: str, value) -> bool:
+    """`value` as a bool: a bool, or one of `BOOL_STRINGS` in any case; else a `ValueError`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in BOOL_STRINGS:
+        return BOOL_STRINGS[value.lower()]
+    raise ValueError(f"{name}={value!r} is not valid; give True or False (or one of the strings "
+                     f"{', '.join(map(repr, BOOL_STRINGS))}).")
+
+
+def check_names(name: str, value) -> list[str] | None:
+    """`value` as a list of non-empty strings (one string becomes a one-element list), or None; else a
+    `ValueError`. A plain string would otherwise be read letter by letter, each letter a pattern."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"{name}={value!r} is not valid; give a list of module names (non-empty strings) such "
+                         f"as ['transformer.h.*.attn', 'transformer.h.*.mlp'], or one such string.")
+    return list(value)
 
 
 class FieldMetadata(Mapping):
@@ -81,7 +129,8 @@ class GrapeTrainingArguments(TrainingArguments):
     feedback_init: str = rule_field(
         "normal", FEEDBACK_RULES,
         "Distribution of the random feedback matrices: 'normal' or 'uniform' (variance 1/error_features), or "
-        "'kaiming_uniform' (He uniform, variance 2/error_features).", choices=list(FEEDBACK_INITS))
+        "'kaiming_uniform' (He uniform, variance 2/error_features), or 'identity' (B_k = I: points as wide as the "
+        "error, e.g. on a pre-LN residual stream read with error_point='residual').", choices=list(FEEDBACK_INITS))
     feedback_seed: int | None = rule_field(
         None, FEEDBACK_RULES,
         "Seed of the feedback matrices (default: `seed`). Same seed, same matrices on every process and every run.")
@@ -96,7 +145,9 @@ class GrapeTrainingArguments(TrainingArguments):
     error_point: str | None = rule_field(
         None, DIRECT_RULES,
         "Where the error is read: 'head_input' (the input of the output head; default for causal LMs, as in Launay "
-        "et al. 2020) or 'logits' (default for classifiers).")
+        "et al. 2020), 'logits' (default for classifiers) or 'residual' (the input of a pre-LN causal LM's final "
+        "norm, the residual stream itself: the final norm then trains with the head by true BP; GPT-2, Llama, "
+        "Mistral, Qwen2/3, or name the norm with head_module).")
     head_module: str | None = rule_field(
         None, (*DIRECT_RULES, "pepita"),
         "Name of the output head, around which the error tap sits (default: the model's output embeddings, or its "
@@ -109,6 +160,12 @@ class GrapeTrainingArguments(TrainingArguments):
         None, DIRECT_RULES,
         "Name the feedback-point modules yourself: names from model.named_modules(), where '*' stands for one dotted "
         "component ('transformer.h.*.attn'); overrides `setting`.")
+    block_lr_scale: float = rule_field(
+        1.0, DIRECT_RULES,
+        "Learning-rate multiplier of the blocks' parameters (those only feedback reaches; the embeddings, the final "
+        "norm and the head keep learning_rate): a block's step changes the Jacobians its feedback should follow, "
+        "so the feedback rules learn language models only with slower blocks (README, learning). Applied as "
+        "optimizer parameter groups, so every optimizer and scheduler of the Trainer works; 0 freezes the blocks.")
     alignment_probe_steps: int = rule_field(
         0, DIRECT_RULES,
         "Every N optimizer steps, log the true alignment: cos(B_k e, true dL/dh_k) per point, from one extra BP "
@@ -166,25 +223,7 @@ class GrapeTrainingArguments(TrainingArguments):
             check_choice("error_point", self.error_point, ERROR_POINTS)
         check_choice("grape_alignment", self.grape_alignment, ALIGNMENTS)
         check_choice("grape_smoothing", self.grape_smoothing, SMOOTHINGS)
-        if not self.grape_lr > 0:
-            raise ValueError(f"grape_lr={self.grape_lr} must be > 0 (the paper uses 1e-3).")
-        if not 0 < self.grape_ema_decay < 1:
-            raise ValueError(f"grape_ema_decay={self.grape_ema_decay} must be in (0, 1).")
-        if self.grape_update_steps < 1:
-            raise ValueError(f"grape_update_steps={self.grape_update_steps} must be >= 1.")
-        if self.grape_update_steps > 1 and self.grape_smoothing == "none":
-            raise ValueError("grape_update_steps > 1 updates the feedback from smoothed estimates between "
-                             "estimates: set grape_smoothing to 'cma' or 'ema'.")
-        if self.alignment_probe_steps < 0:
-            raise ValueError(f"alignment_probe_steps={self.alignment_probe_steps} must be >= 0 (0: off).")
-        if self.bp_calibration_steps < 0:
-            raise ValueError(f"bp_calibration_steps={self.bp_calibration_steps} must be >= 0 (0: never).")
-        if not self.pepita_f_scale > 0:
-            raise ValueError(f"pepita_f_scale={self.pepita_f_scale} must be > 0 (the papers use 0.05).")
-        if self.pepita_mirror_lr < 0 or self.pepita_mirror_weight_decay < 0 or not self.pepita_mirror_noise > 0:
-            raise ValueError(f"PEPITA's mirroring needs pepita_mirror_lr >= 0 (0: off), pepita_mirror_weight_decay "
-                             f">= 0 and pepita_mirror_noise > 0; got {self.pepita_mirror_lr}, "
-                             f"{self.pepita_mirror_weight_decay} and {self.pepita_mirror_noise}.")
+        self._check_types_and_ranges()
         if self.feedback_seed is None:
             self.feedback_seed = self.seed
         if self.rule != "bp" and (self.activation_checkpointing or self.gradient_checkpointing):
@@ -192,6 +231,40 @@ class GrapeTrainingArguments(TrainingArguments):
                 f"activation (gradient) checkpointing does not work with rule={self.rule!r}: recomputing a block "
                 "runs its feedback hooks twice. Turn activation_checkpointing off."
             )
+
+    def _check_types_and_ranges(self) -> None:
+        """Check every number, bool and list this class adds (the Trainer's own fields are `TrainingArguments`'),
+        converting what has one clear meaning (a bool string, a single module name)."""
+        self.grape_lr = check_number("grape_lr", self.grape_lr, lambda v: v > 0, "> 0 (the paper uses 1e-3)")
+        self.grape_ema_decay = check_number("grape_ema_decay", self.grape_ema_decay, lambda v: 0 < v < 1,
+                                            "in (0, 1)")
+        self.grape_update_steps = check_number("grape_update_steps", self.grape_update_steps, lambda v: v >= 1,
+                                               ">= 1", integer=True)
+        if self.grape_update_steps > 1 and self.grape_smoothing == "none":
+            raise ValueError("grape_update_steps > 1 updates the feedback from smoothed estimates between "
+                             "estimates: set grape_smoothing to 'cma' or 'ema'.")
+        self.block_lr_scale = check_number("block_lr_scale", self.block_lr_scale, lambda v: v >= 0,
+                                           ">= 0 (1: the blocks at learning_rate; 0: frozen)")
+        self.alignment_probe_steps = check_number("alignment_probe_steps", self.alignment_probe_steps,
+                                                  lambda v: v >= 0, ">= 0 (0: off)", integer=True)
+        self.bp_calibration_steps = check_number("bp_calibration_steps", self.bp_calibration_steps,
+                                                 lambda v: v >= 0, ">= 0 (0: never)", integer=True)
+        if self.feedback_seed is not None:
+            self.feedback_seed = check_number("feedback_seed", self.feedback_seed, lambda v: True,
+                                              "(or None: the Trainer's `seed`)", integer=True)
+        self.pepita_f_scale = check_number("pepita_f_scale", self.pepita_f_scale, lambda v: v > 0,
+                                           "> 0 (the papers use 0.05)")
+        self.pepita_mirror_lr = check_number("pepita_mirror_lr", self.pepita_mirror_lr, lambda v: v >= 0,
+                                             ">= 0 (0: off)")
+        self.pepita_mirror_weight_decay = check_number("pepita_mirror_weight_decay", self.pepita_mirror_weight_decay,
+                                                       lambda v: v >= 0, ">= 0")
+        self.pepita_mirror_noise = check_number("pepita_mirror_noise", self.pepita_mirror_noise, lambda v: v > 0,
+                                                "> 0")
+        self.feedback_embeddings = check_bool("feedback_embeddings", self.feedback_embeddings)
+        self.feedback_modules = check_names("feedback_modules", self.feedback_modules)
+        if self.head_module is not None and not (isinstance(self.head_module, str) and self.head_module):
+            raise ValueError(f"head_module={self.head_module!r} is not valid; give a module name from "
+                             "model.named_modules() such as 'lm_head', or None (found from the model).")
 
     def _move_deprecated_names(self) -> None:
         """Give each deprecated name's value to its new field, with a FutureWarning."""

@@ -8,6 +8,7 @@ default is also dropped when the user gave a flag it would override: `--save_ste
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -35,21 +36,25 @@ def explicit_flags(argv: list[str]) -> set[str]:
 
 
 def parse_script_args(dataclass_types: tuple, script_defaults: dict, presets: dict[str, dict],
-                      argv: list[str] | None = None) -> tuple:
-    """Parse `dataclass_types` (one of them has a `preset` field) from `argv` (default `sys.argv[1:]`)
-    or from one JSON file, over `script_defaults` and the chosen preset's values."""
+                      argv: list[str] | None = None, rule_defaults: dict[str, dict] | None = None) -> tuple:
+    """Parse `dataclass_types` (one of them has a `preset` field, one a `rule` field) from `argv` (default
+    `sys.argv[1:]`) or from one JSON file, over `script_defaults`, the chosen rule's `rule_defaults` and
+    the chosen preset's values."""
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
+    rule_default = next(f.default for t in dataclass_types for f in dataclasses.fields(t) if f.name == "rule")
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0], encoding="utf-8") as f:
             given = json.load(f)
-        preset = given.get("preset")
+        preset, rule = given.get("preset"), given.get("rule", rule_default)
     else:
         given = explicit_flags(argv)
-        peek = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults, so read it first
+        peek = argparse.ArgumentParser(add_help=False)  # the preset and rule decide the defaults: read them first
         peek.add_argument("--preset")
-        preset = peek.parse_known_args(argv)[0].preset
-    defaults = {**script_defaults, **presets.get(preset, {})}
+        peek.add_argument("--rule", default=rule_default)
+        peeked = peek.parse_known_args(argv)[0]
+        preset, rule = peeked.preset, peeked.rule
+    defaults = {**script_defaults, **(rule_defaults or {}).get(rule, {}), **presets.get(preset, {})}
     defaults = {name: value for name, value in defaults.items()
                 if name not in given and not any(flag in given for flag in IMPLIED_BY.get(name, ()))}
     if isinstance(given, dict):  # JSON: the file's values win over the defaults

@@ -41,7 +41,7 @@ RULE_TITLES = {
     "pepita": "PEPITA (Dellaferrera & Kreiman 2022)",
 }
 ALIGNMENT_PREFIXES = ("alignment", "true_alignment")
-SECRET_FLAGS = ("--hub_token",)  # never copied into a card that may be public
+MASK = "***"  # what a card shows in place of a secret (a card may be public: `push_to_hub` uploads it)
 
 
 def template_kind(model) -> str | None:
@@ -86,25 +86,90 @@ def last_alignment(log_history: list[dict]) -> tuple[list[dict], dict[str, int]]
     return rows, steps
 
 
+def secret_fields(args) -> list[str]:
+    """The fields of `args` that hold a secret: every field named `*token` (`hub_token`; the Trainer's other
+    fields with "token" in their name, `average_tokens_across_devices` and `include_num_input_tokens_seen`,
+    are settings, not secrets)."""
+    return [f.name for f in dataclasses.fields(args) if f.name.endswith("token")]
+
+
+def secret_values(args) -> list[str]:
+    """The secrets themselves: the value of every secret field, and the Hub token of the environment, which
+    `push_to_hub` sends when `hub_token` is not set. (Not `huggingface_hub.get_token()`: in Colab it may ask
+    the user for access to the notebook's secrets, on every checkpoint.)"""
+    values = [getattr(args, name) for name in secret_fields(args)]
+    values += [os.environ.get(name) for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
+    return [value for value in values if isinstance(value, str) and value]
+
+
+def is_secret_flag(flag: str, fields: list[str]) -> bool:
+    """Whether argparse may read `flag` as one of `fields`: `HfArgumentParser` registers `--hub_token` and
+    `--hub-token`, and argparse takes any unambiguous prefix of either (`--hub_tok`). Any prefix counts, even
+    one ambiguous here (masking too much costs nothing; an ambiguous flag stops argparse anyway). A flag named
+    `*token` counts too: a script's own dataclasses may have one (`--token`, `--hf-token`)."""
+    if not flag.startswith("--") or len(flag) <= 2:
+        return False
+    name = flag[2:].replace("-", "_")
+    return name.endswith("token") or any(field.startswith(name) for field in fields)
+
+
+def is_secret_variable(word: str) -> bool:
+    """Whether `word` sets a shell variable named like a token (`HF_TOKEN=...` before the command; not
+    `TOKENIZERS_PARALLELISM=false`)."""
+    name, equals, _ = word.partition("=")
+    return bool(equals) and name.isidentifier() and name.upper().endswith("TOKEN")
+
+
+def mask_secrets(args, words: list[str]) -> list[str]:
+    """`words` (a command line, split) with every secret replaced by `MASK`: the value of every flag that
+    argparse may read as a secret field (`--hub-token x`, `--hub_token=x`, `--hub_tok x`, ...), every
+    token-named variable (`HF_TOKEN=x`), and every occurrence of a secret's value in any word (`--x=...`)."""
+    fields, values = secret_fields(args), secret_values(args)
+    masked = []
+    value_follows = False  # the previous word was a secret flag without "=": this word is its value
+    for word in words:
+        flag, equals, _ = word.partition("=")
+        if value_follows:
+            word, value_follows = MASK, False
+        elif is_secret_flag(flag, fields):
+            if equals:
+                word = f"{flag}={MASK}"
+            else:
+                value_follows = True
+        elif is_secret_variable(word):
+            word = f"{flag}={MASK}"
+        for value in values:
+            word = word.replace(value, MASK)
+        masked.append(word)
+    return masked
+
+
 def command_line(args, argv: list[str] | None = None) -> str:
-    """The command that started this process (`sys.argv`), as a shell line, with secrets masked.
+    """The command that started this process (`sys.argv`), as a shell line, with secrets masked
+    (`mask_secrets`).
 
     A script (`*.py`) is prefixed with `python`, or with `accelerate launch --num_processes N` when
     several processes trained."""
-    argv = list(sys.argv if argv is None else argv)
-    masked = []
-    for i, arg in enumerate(argv):
-        flag = arg.split("=", 1)[0]
-        if flag in SECRET_FLAGS and "=" in arg:
-            arg = f"{flag}=***"
-        elif i > 0 and argv[i - 1] in SECRET_FLAGS:
-            arg = "***"
-        masked.append(arg)
+    masked = mask_secrets(args, list(sys.argv if argv is None else argv))
     line = shlex.join(masked)
     if masked and masked[0].endswith(".py"):
         launcher = f"accelerate launch --num_processes {args.world_size}" if args.world_size > 1 else "python"
         line = f"{launcher} {line}"
     return line
+
+
+def masked_command(args, command: str) -> str:
+    """A command given as one string (`create_model_card(command=...)`), with secrets masked as in
+    `command_line`; unchanged when it holds none. A string the shell could not split (an open quote) is
+    split at whitespace instead, so that its secrets are still found."""
+    for value in secret_values(args):
+        command = command.replace(value, MASK)
+    try:
+        words, join = shlex.split(command), shlex.join
+    except ValueError:
+        words, join = command.split(), " ".join
+    masked = mask_secrets(args, words)
+    return command if masked == words else join(masked)
 
 
 def _version(package: str) -> str:
@@ -121,7 +186,8 @@ def render_model_card(trainer, output_dir: str | None = None, command: str | Non
     Args:
         trainer: a `GrapeTrainer` (its args, model, feedback and `state.log_history` are read).
         output_dir: where the card goes (default `args.output_dir`); it shows the alignment plot found there.
-        command: how the run was started; default: this process's `sys.argv` (see `command_line`).
+        command: how the run was started; default: this process's `sys.argv` (see `command_line`). Secrets
+            are masked in either (`mask_secrets`).
         **summary_kwargs: `Trainer.create_model_card`'s arguments (`model_name`, `dataset`,
             `dataset_tags`, `dataset_args`, `tags`, `tasks`, `language`, `license`, `finetuned_from`).
             `dataset` is the data set really used, in words (e.g. a fallback); `dataset_tags` its Hub
@@ -176,7 +242,7 @@ def render_model_card(trainer, output_dir: str | None = None, command: str | Non
         alignment=alignment,
         alignment_steps=alignment_steps,
         alignment_plot=PLOT_FILE if os.path.isfile(os.path.join(output_dir or args.output_dir, PLOT_FILE)) else None,
-        command=command if command is not None else command_line(args),
+        command=masked_command(args, command) if command is not None else command_line(args),
         versions={"grape_hf": _version("grape_hf"), "Transformers": transformers.__version__,
                   "PyTorch": torch.__version__, "Datasets": datasets.__version__,
                   "huggingface_hub": huggingface_hub.__version__},

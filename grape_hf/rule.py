@@ -66,6 +66,12 @@ class Rule:
                 "audit); two sets of hooks would compute neither rule. Call `.feedback.remove()` on the trainer "
                 "that installed it first, or build a fresh model."
             )
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError(
+                f"Gradient checkpointing is on for this {type(model).__name__} (`gradient_checkpointing_enable()`), "
+                f"which does not work with rule={self.name!r}: recomputing a block runs its feedback hooks twice. "
+                "Call `model.gradient_checkpointing_disable()` first."
+            )
         _INSTALLED[model] = self
         self._model = weakref.ref(model)
         self._handles = []
@@ -107,15 +113,38 @@ class Rule:
     def training_forward(self, forward, inputs: dict, step: int, first_micro_batch: bool):
         """One training forward of optimizer step `step`; `forward(inputs)` is the Trainer's loss
         computation and returns (loss, outputs). Every `bp_calibration_steps`-th step runs as true BP
-        (the revision's calibration); the others are the rule's own `forward`."""
+        (the revision's calibration); the others are the rule's own `forward`, each forward of it
+        checked (`checked`). Refuses to run when the rule can no longer act on the model."""
+        model = self.model
+        if not self._handles:
+            raise RuntimeError(
+                f"rule {self.name!r} was removed from the model (`remove()`), so this step would train by plain "
+                f"backpropagation while its checkpoints and model card still say {self.name!r}. Build a new "
+                "GrapeTrainer, or train with rule='bp'."
+            )
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise RuntimeError(
+                f"Gradient checkpointing is on for this {type(model).__name__} (`gradient_checkpointing_enable()`), "
+                f"which does not work with rule={self.name!r}: recomputing a block runs its feedback hooks twice. "
+                "Call `model.gradient_checkpointing_disable()`."
+            )
         if self.calibration_steps and (step + 1) % self.calibration_steps == 0:
             with self.bp_step():
                 return forward(inputs)
-        return self.forward(forward, inputs, step, first_micro_batch)
+        return self.forward(self.checked(forward), inputs, step, first_micro_batch)
+
+    def checked(self, forward):
+        """`forward`, wrapped in the rule's check that its hooks really ran (none by default)."""
+        return forward
 
     def forward(self, forward, inputs: dict, step: int, first_micro_batch: bool):
         """The rule's training forward (see `training_forward`): by default, the hooked model's forward."""
         return forward(inputs)
+
+    def block_parameters(self) -> set[int]:
+        """ids of the parameters only feedback reaches (their learning rate is scaled by `block_lr_scale`);
+        none by default."""
+        return set()
 
     def end_step(self, skipped: bool) -> None:
         """Called after each optimizer step; `skipped`: the optimizer skipped it (fp16 overflow)."""
@@ -167,7 +196,14 @@ class Rule:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str | None = None) -> None:
-        """Restore what `state_dict` returned; `source` names the file in errors."""
+        """Restore what `state_dict` returned; `source` names the file in errors.
+
+        Every entry is checked before anything is restored; a `ValueError` naming the entry and
+        `source` refuses matrices of other points, matrices that are not float32, finite and nonzero
+        (`FeedbackMatrices.check`) and, for rules with feedback points, a partial set of matrices
+        (those rules make every point's matrix in their first forward, so a missing one would be
+        silently re-drawn from the seed), then whatever the rule's `load_extra_state` refuses.
+        """
         where = source or "the feedback state"
         matrices = {key.removeprefix("matrices."): value for key, value in state.items()
                     if key.startswith("matrices.")}
@@ -175,6 +211,12 @@ class Rule:
         if unknown:
             raise ValueError(f"{where} holds matrices for {sorted(unknown)}, which are not feedback points of "
                              f"rule {self.name!r} on this model (its points: {list(self.point_names)}).")
+        self.matrices.check(matrices, where)
+        missing = [f"matrices.{name}" for name in self.point_names if name not in matrices]
+        if self.points_reason is None and matrices and missing:
+            raise ValueError(f"{where} lacks the feedback matrices {missing} but holds those of the other points: "
+                             "resuming would draw them afresh instead of restoring them. Resume from an intact "
+                             "checkpoint of this run, or start a fresh run.")
         self.load_extra_state({key: value for key, value in state.items() if not key.startswith("matrices.")}, where)
         self.matrices.load_state_dict(matrices, source)
 

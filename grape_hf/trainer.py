@@ -17,10 +17,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from .arguments import GrapeTrainingArguments
 from .callbacks import AlignmentPlotCallback, EndFeedbackStepCallback
 from .checkpoint import load_feedback, save_feedback
-from .diagnostics.audit import LocalityReport, audit_network
+from .diagnostics.audit import LocalityReport, audit_network, check_reached
 from .diagnostics.probe import AlignmentProbe
 from .model_card import write_model_card
-from .rule import Rule
+from .rule import Rule, installed_rule
 from .rules import RULES
 
 
@@ -44,6 +44,7 @@ class GrapeTrainer(Trainer):
         self.feedback: Rule | None = None
         self.probe: AlignmentProbe | None = None
         self._feedback_step = -1  # optimizer step of the last feedback-aware forward
+        self._reach_checked = False  # `check_reached` ran (after the first training step)
         self._model_card_kwargs: dict = {}  # the card's arguments given so far; later saves reuse them
         super().__init__(model, args, *positional, **kwargs)
         if self.is_fsdp_enabled and args.rule != "bp":
@@ -54,6 +55,20 @@ class GrapeTrainer(Trainer):
                 "backward would run on freed parameters. Use data parallelism without FSDP (accelerate launch "
                 "--multi_gpu, DDP), or rule='bp'."
             )
+        if self.is_deepspeed_enabled and args.rule != "bp":
+            raise NotImplementedError(
+                f"DeepSpeed is not supported with rule={args.rule!r} yet: its resume path restores the model and "
+                "optimizer without `_load_from_checkpoint`, so the rule's feedback state would silently start fresh, "
+                "and ZeRO-3 re-gathers parameters from the very tensors the feedback points detach (as FSDP does). "
+                "Use data parallelism without DeepSpeed (accelerate launch --multi_gpu, DDP), or rule='bp'."
+            )
+        if args.rule != "bp" and (args.torch_compile or isinstance(self.model, torch._dynamo.OptimizedModule)):
+            raise NotImplementedError(
+                f"torch.compile does not work with rule={args.rule!r}: a compiled graph does not run the rule's "
+                "Python hooks (and one compiled earlier for the same model class is reused without them), so the "
+                "model would train by plain backpropagation under the rule's name. Turn torch_compile off (and pass "
+                "the uncompiled model), or use rule='bp'."
+            )
         if args.rule != "bp":
             self.add_callback(AlignmentPlotCallback)
             self.add_callback(EndFeedbackStepCallback(self))
@@ -63,9 +78,51 @@ class GrapeTrainer(Trainer):
     def _install_feedback(self, model) -> None:
         if self.feedback is not None:
             self.feedback.remove()
+        other = installed_rule(model)
+        if self.args.rule == "bp" and other is not None:
+            raise RuntimeError(
+                f"rule='bp' was asked for, but this {type(model).__name__} still carries rule {other.name!r}'s hooks "
+                "(from another GrapeTrainer or an audit), which would train it with that rule. Call "
+                "`.feedback.remove()` on the trainer that installed them, or build a fresh model."
+            )
         self.feedback = RULES[self.args.rule](model, self.args)
         steps = self.args.alignment_probe_steps
         self.probe = AlignmentProbe(self.feedback, steps) if steps and self.feedback is not None else None
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with `block_lr_scale` != 1 each of its parameter groups is split so that
+        the rule's block parameters (`Rule.block_parameters`) get `lr * block_lr_scale` (schedulers, built
+        after, scale from each group's own lr)."""
+        optimizer = super().create_optimizer(model)
+        scale = self.args.block_lr_scale
+        if scale == 1.0 or self.feedback is None:
+            return optimizer
+        blocks = self.feedback.block_parameters()
+        if not blocks:
+            raise ValueError(f"block_lr_scale={scale} but rule {self.args.rule!r} has no blocks on this model "
+                             "(block_lr_scale applies to dfa, grape and drtp): leave it at 1.")
+        groups = []
+        for group in optimizer.param_groups:
+            inside = [p for p in group["params"] if id(p) in blocks]
+            outside = [p for p in group["params"] if id(p) not in blocks]
+            groups += [{**group, "params": outside}] if outside else []
+            groups += [{**group, "params": inside, "lr": group["lr"] * scale}] if inside else []
+        optimizer.param_groups = groups
+        return optimizer
+
+    def train(self, *positional, **kwargs):
+        """The Trainer's `train`; every call starts counting optimizer steps afresh for the rule."""
+        self._feedback_step = -1
+        return super().train(*positional, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; after the first one, every trainable parameter must have received a gradient
+        (`check_reached`), so that no placement leaves part of the model silently untrained."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.feedback is not None and not self._reach_checked:
+            self._reach_checked = True
+            check_reached(self.accelerator.unwrap_model(model), self.feedback)
+        return loss
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint plus `feedback.safetensors` (written first, so a checkpoint that has
@@ -74,6 +131,12 @@ class GrapeTrainer(Trainer):
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             save_feedback(self.feedback, self.args, os.path.join(self._get_output_dir(trial=trial), folder))
         super()._save_checkpoint(model, trial)
+
+    def _load_best_model(self) -> None:
+        """The Trainer's best weights (`load_best_model_at_end`), then that checkpoint's feedback state, so the
+        matrices are again those the best model was trained with."""
+        super()._load_best_model()
+        load_feedback(self.feedback, self.args, self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer's weights, then the rule's feedback state (`grape_hf.checkpoint.load_feedback`
@@ -96,7 +159,7 @@ class GrapeTrainer(Trainer):
         if self.probe is not None and self.probe.due(step, first_micro_batch):
             # On the unwrapped model: a forward with no backward must not reach DDP's reducer.
             unwrapped = self.accelerator.unwrap_model(model)
-            self.probe.measure(lambda: Trainer.compute_loss(self, unwrapped, inputs))
+            self.probe.measure(lambda: Trainer.compute_loss(self, unwrapped, inputs), self.args.device)
         loss, outputs = self.feedback.training_forward(
             lambda batch: Trainer.compute_loss(self, model, batch, True, num_items_in_batch), inputs, step,
             first_micro_batch)

@@ -194,7 +194,7 @@ def test_mismatched_matrix_shape_is_refused(grape_checkpoint, tmp_path):
         metadata = file.metadata()
     tensors = load_file(path)
     name = "transformer.h.1.attn"
-    tensors[f"matrices.{name}"] = torch.zeros(48, 32)  # as if written for a wider model
+    tensors[f"matrices.{name}"] = torch.ones(48, 32)  # as if written for a wider model
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(ValueError, match=rf"'{name}' needs a 32x32 matrix but .*{FEEDBACK_FILE} holds a \(48, 32\)"):
         resume(checkpoint, tmp_path, **RULE_SETTINGS[rule])

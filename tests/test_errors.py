@@ -249,3 +249,17 @@ def test_every_added_field_names_its_rules():
     assert owners["grape_lr"] == ("grape",) and owners["pepita_f_scale"] == ("pepita",)
     assert "fa" in owners["feedback_init"] and "fa" not in owners["setting"]
     HfArgumentParser(GrapeTrainingArguments)  # builds
+
+
+def test_no_blocks_error_suggests_names_the_model_has(tmp_path):
+    """HF ResNet declares no block class in a ModuleList; the error used to suggest 'encoder.layers.*', a
+    name it does not have. It suggests its own repeated modules, and they work."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                                      depths=[1, 1], num_labels=3))
+    with pytest.raises(ValueError, match=r"feedback_modules=\['resnet\.encoder\.stages\.\*'\]"):
+        GrapeTrainer(model=model, args=grape_args(tmp_path, rule="dfa"))
+    trainer = GrapeTrainer(model=model, args=grape_args(tmp_path, rule="dfa",
+                                                        feedback_modules=["resnet.encoder.stages.*"]))
+    assert trainer.feedback.point_names == ("resnet.encoder.stages.0", "resnet.encoder.stages.1")

@@ -7,17 +7,19 @@ import logging
 import math
 import pathlib
 import re
+import shlex
+import sys
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from huggingface_hub import ModelCard
-from transformers import GPT2Config, GPT2ForSequenceClassification, ProgressCallback
+from transformers import GPT2Config, GPT2ForSequenceClassification, HfArgumentParser, ProgressCallback
 
 import grape_hf
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.model_card import command_line
+from grape_hf.model_card import command_line, masked_command
 from grape_hf.models import MLPConfig, MLPForImageClassification
 from tiny_models import VOCAB, tiny_gpt2, tiny_vit
 
@@ -162,3 +164,74 @@ def test_command_line_masks_the_hub_token():
     line = command_line(args, ["run.py", "--hub_token", "hf_secret", "--hub_token=hf_other", "--rule", "dfa"])
     assert line == "python run.py --hub_token '***' '--hub_token=***' --rule dfa"
     assert command_line(args, ["/usr/bin/pytest", "-q"]) == "/usr/bin/pytest -q"
+
+
+# The Hub token never reaches a card ------------------------------------------------------------------
+SECRET = "hf_s3cr3tT0kenValue"
+# Every spelling argparse reads as --hub_token: hyphens, "=", and unambiguous prefixes.
+TOKEN_SPELLINGS = [
+    ["--hub_token", SECRET], ["--hub-token", SECRET], ["--hub-token=" + SECRET], ["--hub_token=" + SECRET],
+    ["--hub_tok", SECRET], ["--hub-tok=" + SECRET], ["--hub_t", SECRET],
+]
+
+
+def parsed_with_token(tmp_path, spelling: list[str]) -> tuple[GrapeTrainingArguments, list[str]]:
+    """Arguments parsed by `HfArgumentParser` from a command line holding the token in `spelling` (and once
+    more inside another flag's value), and that command line."""
+    argv = ["--output_dir", str(tmp_path / "out"), "--rule", "dfa", "--report_to", "none", "--use_cpu", "true",
+            "--save_strategy", "no", *spelling, f"--run_name=run-{SECRET}"]
+    (args,) = HfArgumentParser(GrapeTrainingArguments).parse_args_into_dataclasses(argv)
+    assert args.hub_token == SECRET  # argparse did read this spelling as the token
+    return args, argv
+
+
+@pytest.mark.parametrize("spelling", TOKEN_SPELLINGS, ids=lambda s: " ".join(s).replace(SECRET, "TOKEN"))
+def test_card_never_shows_the_hub_token(tmp_path, monkeypatch, spelling):
+    args, argv = parsed_with_token(tmp_path, spelling)
+    trainer = GrapeTrainer(model=tiny_gpt2(), args=args)
+    card = tmp_path / "out" / "README.md"
+
+    # The default command: this process's sys.argv.
+    monkeypatch.setattr(sys, "argv", ["examples/run_wikitext.py", *argv])
+    trainer.create_model_card()
+    text = card.read_text(encoding="utf-8")
+    assert SECRET not in text and "--rule dfa" in text and "***" in text
+
+    # A command given to create_model_card, as the examples give theirs.
+    trainer.create_model_card(command=shlex.join(["python", "examples/run_wikitext.py", *argv]))
+    text = card.read_text(encoding="utf-8")
+    assert SECRET not in text and "--rule dfa" in text and "***" in text
+
+
+def test_checkpoint_and_saved_cards_never_show_the_hub_token(tmp_path, monkeypatch):
+    args, argv = parsed_with_token(tmp_path, ["--hub-token", SECRET])
+    args = GrapeTrainingArguments(**{**args.to_dict(), "hub_token": SECRET, "max_steps": 1, "save_steps": 1,
+                                     "save_strategy": "steps", "per_device_train_batch_size": 4, "disable_tqdm": True})
+    monkeypatch.setattr(sys, "argv", ["examples/run_wikitext.py", *argv])
+    trainer = GrapeTrainer(model=tiny_gpt2(), args=args, train_dataset=token_dataset(4))
+    trainer.train()
+    trainer.save_model()
+    for card in (tmp_path / "out" / "checkpoint-1" / "README.md", tmp_path / "out" / "README.md"):
+        text = card.read_text(encoding="utf-8")
+        assert SECRET not in text and "--hub-token '***'" in text, card
+
+
+def test_given_command_masks_token_variables_and_values(monkeypatch):
+    args = GrapeTrainingArguments(output_dir="unused", rule="dfa", hub_token=SECRET, **COMMON)
+    # The environment's Hub token (what push_to_hub uses without hub_token) is masked wherever it appears.
+    monkeypatch.setenv("HF_TOKEN", "hf_fromTheEnvironment")
+    assert command_line(args, ["run.py", "--run_name", "hf_fromTheEnvironment"]) == "python run.py --run_name '***'"
+
+    # A token-named variable, the token inside any value, an open quote: all masked.
+    assert masked_command(args, "HF_TOKEN=hf_other TOKENIZERS_PARALLELISM=false python run.py --rule dfa") == \
+        "'HF_TOKEN=***' TOKENIZERS_PARALLELISM=false python run.py --rule dfa"
+    assert masked_command(args, f"python run.py --run_name=a{SECRET}b") == "python run.py --run_name=a***b"
+    # A script's own token flag (another dataclass of its parser) is masked too.
+    assert masked_command(args, "python run.py --hf-token hf_other --token=hf_x") == \
+        "python run.py --hf-token '***' '--token=***'"
+    assert masked_command(args, "python run.py --hub_tok hf_other --x 'open") == "python run.py --hub_tok *** --x 'open"
+    # Without a secret, the command is kept as given, quoting and all.
+    assert masked_command(args, 'python run.py  --x "a b"') == 'python run.py  --x "a b"'
+    # A flag that is not a prefix of hub_token keeps its value; the Trainer's token-count flags are no secret.
+    line = command_line(args, ["run.py", "--hub_model_id", "me/model", "--include_num_input_tokens_seen", "all"])
+    assert line == "python run.py --hub_model_id me/model --include_num_input_tokens_seen all"

@@ -39,3 +39,20 @@ def image_batch(batch: int = 4, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
             "labels": torch.randint(0, 5, (batch,), generator=g)}
+
+
+def token_dataset(n: int = 16, length: int = 16):
+    """`n` random token rows as a torch-formatted `datasets.Dataset` (input_ids, labels)."""
+    import datasets
+
+    batch = token_batch(batch=n, length=length)
+    return datasets.Dataset.from_dict({k: v.tolist() for k, v in batch.items()}).with_format("torch")
+
+
+def quick_args(tmp_path, **kwargs):
+    """`GrapeTrainingArguments` of a 2-step CPU run (batch 4, lr 1e-2, no saving); `kwargs` override."""
+    from grape_hf import GrapeTrainingArguments
+
+    common = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                  use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
+    return GrapeTrainingArguments(**{**common, **kwargs})

@@ -115,3 +115,22 @@ def audit_network(model: nn.Module, rule: Rule, batch: dict, raise_on_leak: bool
     if raise_on_leak and not report.ok:
         raise LocalityError("Locality audit failed:\n" + report.describe())
     return report
+
+
+class UnreachedParametersError(RuntimeError):
+    """A training step left trainable parameters without any gradient; the message names them."""
+
+
+def check_reached(model: nn.Module, rule: Rule) -> None:
+    """After a training step's backward: raise `UnreachedParametersError` naming every trainable parameter
+    of `model` that received no gradient, so a placement never leaves part of the model silently
+    untrained (a point list that skips a module, an error tap inside the model, a cut-off embedding)."""
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+        raise UnreachedParametersError(
+            f"rule={rule.name!r} gave {len(missing)} trainable parameters no gradient in the first training step: "
+            f"{shown}. With this placement (points {list(rule.point_names)}, error tap {rule.tap_name}) nothing "
+            "reaches them, so they would never train. Include them (a feedback point on their module, "
+            "feedback_embeddings=True, or a head_module above them), or freeze them (`requires_grad_(False)`)."
+        )

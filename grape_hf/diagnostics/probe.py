@@ -42,9 +42,13 @@ class AlignmentProbe:
         """Whether optimizer step `step` is probed (on its first micro-batch)."""
         return first_micro_batch and step % self.steps == 0
 
-    def measure(self, forward) -> None:
-        """Probe one batch (`forward()` returns its loss) and keep the cosines for the next log line."""
-        self.means.add(true_alignment(self.rule, forward))
+    def measure(self, forward, device: torch.device) -> None:
+        """Probe one batch (`forward()` returns its loss, on `device`) and keep the cosines for the next log
+        line. The random state is forked, so the probe's forward (its dropout masks) leaves training's
+        random numbers, and so the trained weights, exactly as without the probe."""
+        devices = [device] if device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
+            self.means.add(true_alignment(self.rule, forward))
 
     def pop(self) -> dict[str, float]:
         """`true_alignment/<point>` and `/mean` since the last call."""

@@ -148,8 +148,32 @@ class JacobianEstimator:
             state["generator"] = generator
         return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore `state_dict`; the generator state is applied when the next estimate makes the generator."""
-        self.estimates_seen = int(state["estimates_seen"]) if "estimates_seen" in state else 0
-        self._saved_state = state.get("generator")
+    def load_state_dict(self, state: dict[str, torch.Tensor], where: str = "the feedback state",
+                        prefix: str = "") -> None:
+        """Restore `state_dict`; the generator state is applied when the next estimate makes the generator.
+
+        An empty `state` starts afresh (no estimates, the seeded generator). Otherwise it must hold an
+        integer `estimates_seen` >= 0 and, once an estimate was drawn, the uint8 `generator`: a
+        freshly seeded generator would repeat the first perturbations instead of continuing the run.
+        Anything else raises a `ValueError` naming the entry (`prefix + key`) and `where`, and
+        restores nothing.
+        """
+        seen, generator = state.get("estimates_seen"), state.get("generator")
+        fix = "Resume from an intact checkpoint of this run, or start a fresh run."
+        if state:
+            if (not isinstance(seen, torch.Tensor) or seen.numel() != 1 or seen.is_floating_point()
+                    or seen.is_complex() or seen.dtype == torch.bool or int(seen) < 0):
+                raise ValueError(f"{where} has no valid '{prefix}estimates_seen' entry (an integer >= 0; found "
+                                 f"{seen!r}), so the perturbation generator cannot be resumed. {fix}")
+            if generator is None and int(seen) > 0:
+                raise ValueError(
+                    f"{where} has {prefix}estimates_seen={int(seen)} but no '{prefix}generator' entry: the state of "
+                    "the generator that drew those perturbations is lost, and a freshly seeded one would repeat the "
+                    f"first perturbations instead of continuing the run. {fix}")
+            if generator is not None and (generator.dtype != torch.uint8 or generator.dim() != 1
+                                          or not generator.numel()):
+                raise ValueError(f"'{prefix}generator' in {where} is not a generator state (a 1-D uint8 tensor; found "
+                                 f"{generator.dtype}, shape {tuple(generator.shape)}). {fix}")
+        self.estimates_seen = int(seen) if seen is not None else 0
+        self._saved_state = generator
         self._generator = None

@@ -21,7 +21,8 @@ def init_feedback_matrix(shape: tuple[int, int], init: str, generator: torch.Gen
     """A float32 CPU matrix of `shape` = (point_features, error_features).
 
     'normal' and 'uniform' have variance 1/error_features, so `B e` keeps the scale of `e` per
-    feature; 'kaiming_uniform' is torch's He-uniform (variance 2/error_features).
+    feature; 'kaiming_uniform' is torch's He-uniform (variance 2/error_features); 'identity' is `I`
+    (a point as wide as the error, on a pre-LN residual stream: the skip path's own Jacobian).
     """
     fan_in = shape[1]
     matrix = torch.empty(shape)
@@ -32,7 +33,43 @@ def init_feedback_matrix(shape: tuple[int, int], init: str, generator: torch.Gen
         return matrix.uniform_(-bound, bound, generator=generator)
     if init == "kaiming_uniform":
         return torch.nn.init.kaiming_uniform_(matrix, nonlinearity="relu", generator=generator)
-    raise ValueError(f"Unknown feedback_init {init!r}; choose 'normal', 'uniform' or 'kaiming_uniform'.")
+    if init == "identity":
+        if shape[0] != shape[1]:
+            raise ValueError(f"feedback_init='identity' needs every point as wide as the error, but one has "
+                             f"{shape[0]} features for an error of {shape[1]}: use 'normal', or read the error where "
+                             "it has the points' width (error_point='residual').")
+        return torch.eye(shape[0])
+    raise ValueError(f"Unknown feedback_init {init!r}; choose 'normal', 'uniform', 'kaiming_uniform' or 'identity'.")
+
+
+def nonfinite_problem(tensor: torch.Tensor) -> str | None:
+    """What is non-finite in a floating tensor ('holds 3 NaN and 1 inf of 1024 values'), or None."""
+    if not tensor.is_floating_point():
+        return None
+    nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+    if not nan and not inf:
+        return None
+    return f"holds {nan} NaN and {inf} inf of {tensor.numel()} values"
+
+
+def matrix_problem(matrix) -> str | None:
+    """Why `matrix` cannot be a feedback matrix, or None when it can: a matrix is a 2-D
+    (point_features, error_features) float32 tensor, finite and not all zeros (a zero matrix sends no
+    feedback: its segment would silently stop training)."""
+    if not isinstance(matrix, torch.Tensor):
+        return f"is a {type(matrix).__name__}, not a tensor"
+    if matrix.dtype != torch.float32:
+        # Integer or bool matrices truncate the feedback (DFA then leaves most parameters without gradient);
+        # fp16/bf16/fp64 ones are not what grape_hf writes: the feedback is computed in float32.
+        return f"is {matrix.dtype}, but feedback matrices are float32"
+    if matrix.dim() != 2:
+        return f"has shape {tuple(matrix.shape)}, but a feedback matrix is 2-D (point_features, error_features)"
+    nonfinite = nonfinite_problem(matrix)
+    if nonfinite is not None:
+        return nonfinite
+    if matrix.numel() and not matrix.any():
+        return "is all zeros (it would send no feedback)"
+    return None
 
 
 class FeedbackMatrices:
@@ -94,9 +131,24 @@ class FeedbackMatrices:
         """The matrices by point name, each (point_features, error_features); points not yet run have none."""
         return dict(self.tensors)
 
+    @staticmethod
+    def check(tensors: dict[str, torch.Tensor], source: str | None = None) -> None:
+        """Raise a `ValueError` naming the entry (`matrices.<name>`) and `source` for the first of
+        `tensors` that is no feedback matrix (`matrix_problem`); changes nothing."""
+        for name, matrix in tensors.items():
+            problem = matrix_problem(matrix)
+            if problem is not None:
+                raise ValueError(
+                    f"Feedback matrix 'matrices.{name}' in {source or 'the feedback state'} {problem}: resuming from "
+                    "it would train with broken feedback. Resume from another checkpoint of this run, or start a fresh "
+                    "run."
+                )
+
     def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str | None = None) -> None:
-        """Replace every matrix by `tensors` (point name -> (point_features, error_features)). They move
-        to the model's device on first use, where `get` checks their shapes against the model's
-        points and names `source` (the file they came from) if one does not fit."""
+        """Replace every matrix by `tensors` (point name -> (point_features, error_features)), after
+        `check` (float32, finite, not all zeros; nothing is replaced when one fails). They move to
+        the model's device on first use, where `get` checks their shapes against the model's points
+        and names `source` (the file they came from) if one does not fit."""
+        self.check(tensors, source)
         self.tensors = dict(tensors)
         self.loaded_from = source

@@ -97,8 +97,16 @@ class ErrorTap(torch.autograd.Function):
         return (None, None, None, error if only in (None, TAP) else None, *feedback)
 
 
-def _output_tensor(output):
-    return output[0] if isinstance(output, tuple) else output
+def _output_tensor(output, name: str) -> torch.Tensor:
+    """The tensor of module `name`'s output (itself, or the first item of a tuple)."""
+    tensor = output[0] if isinstance(output, tuple) else output
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"Module {name!r} outputs a {type(output).__name__}, not a tensor or a tuple starting with one, so it "
+            "cannot be a feedback point or carry the error tap: choose modules whose output is a hidden state (a "
+            "block, a residual branch, a layer) in feedback_modules, or another head_module."
+        )
+    return tensor
 
 
 def _replace_output_tensor(output, tensor):
@@ -148,6 +156,7 @@ class FeedbackNetwork:
         self.matrices = matrices
         self.make_signal = make_signal
         self.isolated: str | None = None
+        self.taps = 0  # training forwards that reached the tap, so a rule can tell one that did not
         self._mode: Observation | Estimate | str | None = None
         self._recorded: dict[str, torch.Tensor] = {}
         hook(model.register_forward_pre_hook(self._start_forward))
@@ -171,6 +180,10 @@ class FeedbackNetwork:
     def clear(self) -> None:
         """Drop the tensors of a forward that stopped before the tap."""
         self._recorded.clear()
+
+    def pending(self) -> list[str]:
+        """The points recorded in this forward that have not reached the tap (yet)."""
+        return list(self._recorded)
 
     # Modes -------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -247,7 +260,7 @@ class FeedbackNetwork:
         def point(module, args, output):
             if not self._active():
                 return None
-            return _replace_output_tensor(output, self._record(name, _output_tensor(output)))
+            return _replace_output_tensor(output, self._record(name, _output_tensor(output, name)))
         return point
 
     def _tap(self, z: torch.Tensor) -> torch.Tensor:
@@ -255,6 +268,7 @@ class FeedbackNetwork:
         estimating, keep z's tangent in the `Estimate` and pass on its primal only."""
         mode = self._mode
         signal = self.make_signal() if self.make_signal is not None else _identity
+        self.taps += 1
         if isinstance(mode, Observation):
             mode.points.update(self._recorded)
             mode.z, mode.signal = z, signal
@@ -293,4 +307,4 @@ class FeedbackNetwork:
     def _tap_output(self, module, args, output):
         if not self._active():
             return None
-        return _replace_output_tensor(output, self._tap(_output_tensor(output)))
+        return _replace_output_tensor(output, self._tap(_output_tensor(output, self.placement.head)))

@@ -36,6 +36,15 @@ MICRO_SUBLAYERS = {
 # (grape_hf.models: MLP, CNN, AlexNet, VGG, ResNet); it overrides the block discovery above.
 DECLARED_POINTS = "_feedback_points"
 
+# Causal LM class -> its final norm, whose input error_point="residual" reads: the pre-LN residual stream.
+FINAL_NORMS = {
+    "GPT2LMHeadModel": "transformer.ln_f",
+    "LlamaForCausalLM": "model.norm",
+    "MistralForCausalLM": "model.norm",
+    "Qwen2ForCausalLM": "model.norm",
+    "Qwen3ForCausalLM": "model.norm",
+}
+
 # Attributes that hold a classifier head when the model has no output embeddings.
 HEAD_ATTRIBUTES = ("classifier", "score")
 
@@ -65,7 +74,9 @@ class Placement:
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Names of the repeated blocks: modules of a `_no_split_modules` class inside an `nn.ModuleList`."""
+    """Names of the repeated blocks: modules of a `_no_split_modules` class inside an `nn.ModuleList`.
+    Where such blocks nest (ConvNeXt's layers inside its stages), the outer ones: every parameter of a
+    stage (its downsampling too) then lies in one segment, and no point sits inside another."""
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     blocks = []
     for parent_name, parent in model.named_modules():
@@ -73,7 +84,7 @@ def find_blocks(model: nn.Module) -> list[str]:
             for child_name, child in parent.named_children():
                 if type(child).__name__ in block_classes:
                     blocks.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    return blocks
+    return [block for block in blocks if not any(block.startswith(outer + ".") for outer in blocks)]
 
 
 def find_head(model: nn.Module, head_module: str | None = None) -> str:
@@ -121,6 +132,14 @@ def match_modules(model: nn.Module, patterns: list[str], every_pattern: bool = T
     return [name for name in names if any(glob.fullmatch(name) for glob in globs)]
 
 
+def _suggested_points(model: nn.Module) -> list[str]:
+    """Globs over the model's own repeated modules (`<list>.*` for each nn.ModuleList of several children),
+    for error messages; a generic example when it has none."""
+    lists = [f"{name}.*" for name, module in model.named_modules()
+             if name and isinstance(module, nn.ModuleList) and len(module) > 1]
+    return lists[:2] or ["encoder.layers.*"]
+
+
 def resolve_placement(model: nn.Module, args) -> Placement:
     """Build the `Placement` of `args.setting` (or `args.feedback_modules`) for `model`.
 
@@ -142,7 +161,7 @@ def resolve_placement(model: nn.Module, args) -> Placement:
         raise ValueError(
             f"No blocks found in {model_class}: its _no_split_modules is "
             f"{getattr(model, '_no_split_modules', None)!r} and no module of those classes sits in an nn.ModuleList. "
-            "Name the feedback points yourself, e.g. feedback_modules=['encoder.layers.*'] (names from "
+            f"Name the feedback points yourself, e.g. feedback_modules={_suggested_points(model)} (names from "
             "model.named_modules(), where '*' stands for one dotted component)."
         )
     elif args.setting == "macro":
@@ -162,7 +181,15 @@ def resolve_placement(model: nn.Module, args) -> Placement:
             points += [f"{block}.{sub}" for sub in MICRO_SUBLAYERS[block_class]]
 
     error_point = args.error_point or default_error_point(model)
-    head = find_head(model, args.head_module)
+    if error_point == "residual":  # a head_input tap on the final norm: the error is read on the residual stream
+        head = args.head_module or FINAL_NORMS.get(model_class)
+        if head is None:
+            raise ValueError(f"error_point='residual' does not know the final norm of {model_class} (known: "
+                             f"{', '.join(sorted(FINAL_NORMS))}); name it with head_module.")
+        model.get_submodule(head)  # raises AttributeError naming a missing module
+        error_point = "head_input"
+    else:
+        head = find_head(model, args.head_module)
     if head in points:
         raise ValueError(f"The output head {head!r} cannot also be a feedback point.")
     return Placement(

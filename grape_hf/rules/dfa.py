@@ -8,6 +8,7 @@ whose cos(B_k, T_k) is logged as GrAPE logs it (the matrices never change).
 """
 
 import contextlib
+import logging
 
 import torch
 
@@ -18,6 +19,9 @@ from ..rule import Rule
 from ..running_means import RunningMeans
 
 ALIGNER = "aligner."  # prefix of the estimator's (and GrAPE's) entries in the saved state
+PROBE_STATE = ("estimates_seen", "generator")  # the estimator's entries (after ALIGNER)
+
+logger = logging.getLogger(__name__)
 
 
 class DFA(Rule):
@@ -37,8 +41,10 @@ class DFA(Rule):
     name = "dfa"
 
     def __init__(self, model, args, placement: Placement | None = None):
+        # Resolved first: a placement that raises must not leave the model claimed.
+        placement = placement if placement is not None else resolve_placement(model, args)
         super().__init__(model, args)
-        self.placement = placement if placement is not None else resolve_placement(model, args)
+        self.placement = placement
         self.point_names = self.placement.point_names
         self.head = self.placement.head
         self.error_point = self.placement.error_point
@@ -66,6 +72,38 @@ class DFA(Rule):
             result = forward(inputs)
         self.log_alignment(self.estimator.targets(estimate))
         return result
+
+    def checked(self, forward):
+        """`forward`, raising when its feedback points did not all reach the error tap after them: then
+        their segments would not train (e.g. a loss computed from the hidden states with the head's
+        weight, never calling the head, or a head placed before the points)."""
+        def run(inputs):
+            taps = self.network.taps
+            result = forward(inputs)
+            pending = self.network.pending()
+            if self.network.taps == taps or pending:
+                self.network.clear()
+                raise RuntimeError(
+                    f"This training forward did not reach the error tap at {self.tap_name} after its feedback points"
+                    + (f" (points left without feedback: {pending})" if pending else "")
+                    + f", so rule {self.name!r} would not train what lies below the head. The loss must come from the "
+                    f"model's own call of its head module {self.head!r}, after the points (a fused head-and-loss "
+                    "kernel, or a custom loss on the hidden states, bypasses it): turn the fused loss off, or name "
+                    "the module that does run last with head_module."
+                )
+            return result
+        return run
+
+    def block_parameters(self) -> set[int]:
+        """ids of the blocks' and points' parameters, less those the head or the input embeddings hold
+        (GPT-2 ties its embedding to the head: it trains with the head)."""
+        model = self.model
+        full_rate = {id(p) for p in model.get_submodule(self.head).parameters()}
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if isinstance(embeddings, torch.nn.Module):
+            full_rate.update(id(p) for p in embeddings.parameters())
+        return {id(p) for name in (*self.placement.cuts, *self.placement.points)
+                for p in model.get_submodule(name).parameters()} - full_rate
 
     def log_alignment(self, estimates: dict[str, torch.Tensor]) -> None:
         """Add cos(B_k, T_k) of this step's estimates to the next log line."""
@@ -98,21 +136,33 @@ class DFA(Rule):
         return {ALIGNER + key: value for key, value in self.estimator.state_dict().items()}
 
     def load_extra_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Restore the `aligner.*` entries (`load_aligner_state`). DFA's aligner is only the alignment
+        probe, which measures and changes no weight: a run without the probe ignores a probe's state
+        (with an info line) instead of refusing the checkpoint."""
         aligner = {key.removeprefix(ALIGNER): value for key, value in state.items() if key.startswith(ALIGNER)}
         unknown = sorted(key for key in state if not key.startswith(ALIGNER))
         if unknown:
             raise ValueError(f"Unknown feedback state entries {unknown} in {where}: expected 'matrices.<point>' or "
                              "'aligner.<key>'.")
         if aligner and self.estimator is None:
-            raise ValueError(f"{where} holds an aligner's state (GrAPE's, or DFA's with alignment_probe_steps) but "
-                             "this run has no aligner: use the checkpoint's rule and alignment_probe_steps.")
+            others = sorted(ALIGNER + key for key in set(aligner) - set(PROBE_STATE))
+            if others:
+                raise ValueError(f"{where} holds aligner state {others} that rule {self.name!r}'s alignment probe "
+                                 "does not write (GrAPE's?): resume with the checkpoint's rule.")
+            logger.info("%s holds the alignment probe's state but this run has no probe (alignment_probe_steps=0): "
+                        "ignoring it, as the probe only measures.", where)
+            return
         self.load_aligner_state(aligner, where)
 
     def load_aligner_state(self, state: dict[str, torch.Tensor], where: str) -> None:
-        """Restore the `aligner.*` entries (prefix removed): the estimator's."""
+        """Restore the `aligner.*` entries (prefix removed): the estimator's (`JacobianEstimator.load_state_dict`
+        checks them). A checkpoint written without the probe, resumed with it, starts a fresh probe."""
         if self.estimator is None:
             return
-        unknown = sorted(set(state) - {"estimates_seen", "generator"})
+        unknown = sorted(ALIGNER + key for key in set(state) - set(PROBE_STATE))
         if unknown:
             raise ValueError(f"Unknown aligner state {unknown} in {where}.")
-        self.estimator.load_state_dict(state)
+        if not state:
+            logger.info("%s holds no alignment probe state (written without alignment_probe_steps): the probe "
+                        "starts with a freshly seeded perturbation generator.", where)
+        self.estimator.load_state_dict(state, where, ALIGNER)

@@ -10,14 +10,22 @@ unit-norm matrix ('frobenius') or on unit columns ('columns'), so `grape_lr` mea
 rotation whatever the matrix size. With `grape_smoothing` the step aims at a running average of
 the estimates; with `grape_update_steps` N > 1 it estimates every N-th step and steps towards the
 average in between.
+
+An update that would make a matrix or a target non-finite (a NaN or inf estimate from one bad
+batch, an overflow of float32) is skipped whole and counted (`grape/skipped_updates` in the logs):
+the feedback stays as it was, and training goes on.
 """
 
 import contextlib
+import logging
 
 import torch
 
 from ..direct.estimate import EPS, estimating_forward
-from .dfa import DFA
+from ..direct.matrices import nonfinite_problem
+from .dfa import ALIGNER, DFA
+
+logger = logging.getLogger(__name__)
 
 
 def align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float, alignment: str) -> torch.Tensor:
@@ -51,6 +59,7 @@ class GrAPE(DFA):
         self.smoothing = args.grape_smoothing
         self.decay = args.grape_ema_decay
         self.targets: dict[str, torch.Tensor] = {}
+        self.skipped_updates = 0  # updates skipped as non-finite since the last log line (`pop_logs`)
         self._before_update = None  # (matrices, targets, estimates_seen) before this step's update: `end_step`
 
     def estimate_every(self, args) -> int:
@@ -69,27 +78,62 @@ class GrAPE(DFA):
         # Every update replaces tensors, never writes into them: keeping references is a full snapshot.
         self._before_update = (dict(self.matrices.tensors), dict(self.targets), self.estimator.estimates_seen)
         estimates = self.estimator.targets(estimate) if estimating else {}
-        self.update(estimates)
-        if estimates:
+        if self.update(estimates) and estimates:
             self.log_alignment(estimates)
         return result
 
-    def update(self, estimates: dict[str, torch.Tensor]) -> None:
-        """Smooth `estimates` into `targets` and take one alignment step of every matrix towards
-        its target. With no estimates, step towards the smoothed targets."""
+    def update(self, estimates: dict[str, torch.Tensor]) -> bool:
+        """Smooth `estimates` (point -> (point_features, error_features)) into `targets` and take one
+        alignment step of every matrix towards its target. With no estimates, step towards the
+        smoothed targets.
+
+        Returns whether the update was made. When an estimate, a smoothed target or a stepped matrix
+        is not finite, nothing changes (the matrices, the targets and the estimate count stay as
+        they were; the generator moves on), the skip is counted for `pop_logs` and warned about.
+        """
         matrices = self.matrices.tensors
+        targets, stepped = dict(self.targets), {}
         for name, estimate in estimates.items():
-            previous = self.targets.get(name)
+            previous = targets.get(name)
             previous = previous if previous is None else previous.to(estimate.device)
             if previous is None or self.smoothing == "none":
-                self.targets[name] = estimate
+                targets[name] = estimate
             elif self.smoothing == "cma":
-                self.targets[name] = previous + (estimate - previous) / self.estimator.estimates_seen
+                targets[name] = previous + (estimate - previous) / self.estimator.estimates_seen
             else:
-                self.targets[name] = self.decay * previous + (1 - self.decay) * estimate
-        for name, target in self.targets.items():
-            target = self.targets[name] = target.to(matrices[name].device)  # loaded from a checkpoint on CPU
-            matrices[name] = align_step(matrices[name], target, self.lr, self.alignment)
+                targets[name] = self.decay * previous + (1 - self.decay) * estimate
+        for name, target in targets.items():
+            target = targets[name] = target.to(matrices[name].device)  # loaded from a checkpoint on CPU
+            stepped[name] = align_step(matrices[name], target, self.lr, self.alignment)
+        # One check of everything (one device sync): a NaN or inf anywhere skips the whole update.
+        finite = [torch.isfinite(t).all() for t in (*estimates.values(), *targets.values(), *stepped.values())]
+        bad = []
+        if finite and not torch.stack(finite).all():
+            bad = [name for name, estimate in estimates.items() if nonfinite_problem(estimate)]
+            what = "the Jacobian estimate" if bad else "the update"
+            bad = bad or [name for name in targets
+                          if nonfinite_problem(targets[name]) or nonfinite_problem(stepped[name])]
+        if bad:
+            if estimates:
+                self.estimator.estimates_seen -= 1  # the skipped estimate is not averaged in ('cma' counts them)
+            self.skipped_updates += 1
+            logger.warning(
+                "GrAPE skipped this step's feedback update: %s of the points %s is not finite (NaN or inf: a bad "
+                "batch, or an overflow of float32). The matrices and smoothed targets stay as they were and training "
+                "goes on; if it repeats, check the data, or lower grape_lr and the learning rate.", what, bad)
+            return False
+        self.targets = targets
+        matrices.update(stepped)
+        return True
+
+    def pop_logs(self) -> dict[str, float]:
+        """DFA's `alignment/*` and, when updates were skipped since the last log line, how many
+        (`grape/skipped_updates`)."""
+        logs = super().pop_logs()
+        if self.skipped_updates:
+            logs["grape/skipped_updates"] = float(self.skipped_updates)
+            self.skipped_updates = 0
+        return logs
 
     def end_step(self, skipped: bool) -> None:
         """Close the optimizer step of the last `update`: keep the update or, when the optimizer
@@ -117,8 +161,48 @@ class GrAPE(DFA):
         state.update({f"aligner.targets.{name}": target for name, target in self.targets.items()})
         return state
 
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str | None = None) -> None:
+        """`Rule.load_state_dict`; once GrAPE estimated, every point's matrix must be in `state`: the
+        matrices were aligned, and re-drawing one from the seed would silently undo that."""
+        seen = state.get(ALIGNER + "estimates_seen")
+        if isinstance(seen, torch.Tensor) and seen.numel() == 1 and int(seen) > 0:
+            missing = [f"matrices.{name}" for name in self.point_names if f"matrices.{name}" not in state]
+            if missing:
+                raise ValueError(
+                    f"{source or 'the feedback state'} lacks the feedback matrices {missing} although GrAPE aligned "
+                    f"them over {int(seen)} estimates: re-drawing them from the seed would lose that. Resume from an "
+                    "intact checkpoint of this run, or start a fresh run.")
+        super().load_state_dict(state, source)
+
     def load_aligner_state(self, state: dict[str, torch.Tensor], where: str) -> None:
-        self.targets = {key.removeprefix("targets."): value for key, value in state.items()
-                        if key.startswith("targets.")}
-        super().load_aligner_state({k: v for k, v in state.items() if not k.startswith("targets.")}, where)
+        """Restore `aligner.targets.<point>` and the estimator's entries (prefix removed). GrAPE needs
+        them to continue the run: refuses (naming the entry and `where`, restoring nothing) a state
+        without `aligner.estimates_seen`, a target that is not a finite float32 matrix or of no
+        point, and, after an estimate, a missing target or generator."""
+        targets = {key.removeprefix("targets."): value for key, value in state.items()
+                   if key.startswith("targets.")}
+        rest = {k: v for k, v in state.items() if not k.startswith("targets.")}
+        fix = "Resume from an intact checkpoint of this run, or start a fresh run."
+        if "estimates_seen" not in rest:
+            raise ValueError(f"{where} has no '{ALIGNER}estimates_seen' entry, which GrAPE always writes: it was not "
+                             f"written by rule 'grape', or lost its aligner state. {fix}")
+        unknown = sorted(set(targets) - set(self.point_names))
+        if unknown:
+            raise ValueError(f"{where} holds targets for {unknown}, which are not feedback points on this model (its "
+                             f"points: {list(self.point_names)}). {fix}")
+        for name, target in targets.items():  # float32 matrices like the estimates (all zeros is possible)
+            if target.dtype != torch.float32 or target.dim() != 2:
+                problem = f"is a {target.dtype} tensor of shape {tuple(target.shape)}, not a float32 matrix"
+            else:
+                problem = nonfinite_problem(target)
+            if problem is not None:
+                raise ValueError(f"'{ALIGNER}targets.{name}' in {where} {problem}. {fix}")
+        seen = rest["estimates_seen"]
+        if isinstance(seen, torch.Tensor) and seen.numel() == 1 and int(seen) > 0:
+            missing = [f"{ALIGNER}targets.{name}" for name in self.point_names if name not in targets]
+            if missing:
+                raise ValueError(f"{where} lacks the smoothed targets {missing} although GrAPE made {int(seen)} "
+                                 f"estimates: resetting them would diverge from the uninterrupted run. {fix}")
+        super().load_aligner_state(rest, where)  # checks the estimator's entries before restoring them
+        self.targets = targets
         self._before_update = None

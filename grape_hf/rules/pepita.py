@@ -162,7 +162,8 @@ class PEPITA(Rule):
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Once mirroring drew noise, `mirror_noise` (its generator's uint8 state)."""
-        return {"mirror_noise": self._noise.get_state()} if self._noise is not None else {}
+        state = self._noise.get_state() if self._noise is not None else self._noise_state  # loaded, not yet used
+        return {"mirror_noise": state} if state is not None else {}
 
     def load_extra_state(self, state: dict[str, torch.Tensor], where: str) -> None:
         """Restore `extra_state` (the noise generator is rebuilt from the saved state when `mirror` runs)."""

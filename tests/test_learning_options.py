@@ -1,0 +1,76 @@
+"""The options that make the feedback rules learn language models (README, learning): the error read on
+the residual stream, identity feedback, and slower blocks."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import quick_args, tiny_gpt2, tiny_llama, token_batch, token_dataset
+
+from grape_hf import GrapeTrainer, audit_locality
+
+
+@pytest.mark.parametrize("rule", ["dfa", "grape"])
+@pytest.mark.parametrize("setting", ["macro", "micro"])
+@pytest.mark.parametrize("make_model, norm", [(tiny_gpt2, "transformer.ln_f"), (tiny_llama, "model.norm")])
+def test_residual_error_point_taps_the_final_norm_and_keeps_locality(tmp_path, rule, setting, make_model, norm):
+    a = quick_args(tmp_path, rule=rule, setting=setting, error_point="residual")
+    trainer = GrapeTrainer(model=make_model(), args=a)
+    assert trainer.feedback.tap_name == f"{norm}:input"
+    trainer.feedback.remove()
+    assert audit_locality(make_model(), token_batch(), a).ok
+
+
+def test_identity_feedback_on_the_residual_stream_gives_the_last_block_its_true_gradient(tmp_path):
+    """On a pre-LN stream read before the final norm, the last block's output gradient is the error
+    itself: DFA with B = I gives that block exactly BP's gradients."""
+    model, batch = tiny_gpt2(), token_batch()
+    reference = copy.deepcopy(model)
+    GrapeTrainer(model=model, args=quick_args(tmp_path, rule="dfa", error_point="residual", feedback_init="identity"))
+    model(**batch).loss.backward()
+    reference(**batch).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if name.startswith("transformer.h.1.") or name.startswith(("transformer.ln_f", "lm_head")):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # The embeddings and the first block get feedback, not their true gradient.
+    first, true_first = model.transformer.h[0].mlp.c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight
+    assert not torch.allclose(first.grad, true_first.grad)
+
+
+def test_identity_feedback_needs_points_as_wide_as_the_error(tmp_path):
+    trainer = GrapeTrainer(model=tiny_gpt2(), args=quick_args(tmp_path, rule="dfa", feedback_init="identity",
+                                                              error_point="logits"), train_dataset=token_dataset(8))
+    with pytest.raises(ValueError, match="feedback_init='identity' needs every point as wide as the error"):
+        trainer.train()
+
+
+def test_block_lr_scale_splits_the_optimizer_groups(tmp_path):
+    model = tiny_gpt2()
+    trainer = GrapeTrainer(model=model, args=quick_args(tmp_path, rule="dfa", block_lr_scale=0.1, weight_decay=0.01),
+                           train_dataset=token_dataset(8))
+    optimizer = trainer.create_optimizer()
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert lr_of[id(model.transformer.h[0].attn.c_attn.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.transformer.h[1].ln_1.weight)] == pytest.approx(1e-3)
+    for full in (model.transformer.wte.weight, model.transformer.wpe.weight, model.transformer.ln_f.weight):
+        assert lr_of[id(full)] == pytest.approx(1e-2)
+    assert len(lr_of) == len(list(model.parameters()))
+
+
+def test_block_lr_scale_zero_freezes_the_blocks(tmp_path):
+    model = tiny_gpt2()
+    before = copy.deepcopy(model)
+    frozen = quick_args(tmp_path, rule="dfa", block_lr_scale=0.0)
+    GrapeTrainer(model=model, args=frozen, train_dataset=token_dataset(8)).train()
+    for (name, p), q in zip(model.named_parameters(), before.parameters()):
+        assert torch.equal(p, q) == name.startswith("transformer.h."), name
+
+
+def test_block_lr_scale_is_refused_where_there_are_no_blocks(tmp_path):
+    from grape_hf.models import MLPConfig, MLPForImageClassification
+
+    model = MLPForImageClassification(MLPConfig(num_channels=1, image_size=4, hidden_size=8, num_hidden_layers=1,
+                                                num_labels=3))
+    trainer = GrapeTrainer(model=model, args=quick_args(tmp_path, rule="fa", block_lr_scale=0.1))
+    with pytest.raises(ValueError, match=r"block_lr_scale=0.1 but rule 'fa' has no blocks"):
+        trainer.create_optimizer()
