@@ -6,12 +6,11 @@ Each test below failed (trained something else without a word) before its guard 
 import copy
 import os
 
-import datasets
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny_models import quick_args, tiny_gpt2, token_dataset
+from tiny_models import image_batch, image_dataset, quick_args, tiny_gpt2, tiny_vit, token_dataset
 from transformers import ConvNextConfig, ConvNextForImageClassification, GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -90,19 +89,15 @@ def tiny_convnext() -> ConvNextForImageClassification:
 def test_nested_block_classes_give_one_level(tmp_path, rule):
     """ConvNeXt declares its stages and its layers as blocks; both became points, the stages were idle and
     their downsampling never trained (GrAPE crashed with a bare KeyError). Now the stages are the points."""
-    g = torch.Generator().manual_seed(0)
-    images = datasets.Dataset.from_dict({"pixel_values": torch.randn(8, 3, 16, 16, generator=g).tolist(),
-                                         "labels": torch.randint(0, 5, (8,), generator=g).tolist()})
     model = tiny_convnext()
     before = copy.deepcopy(model)
-    trainer = GrapeTrainer(model=model, args=quick_args(tmp_path, rule=rule), train_dataset=images.with_format("torch"))
+    trainer = GrapeTrainer(model=model, args=quick_args(tmp_path, rule=rule), train_dataset=image_dataset())
     assert trainer.feedback.point_names == ("embeddings", "convnext.encoder.stages.0", "convnext.encoder.stages.1")
     trainer.train()
     moved = {n for (n, p), q in zip(model.named_parameters(), before.parameters()) if not torch.equal(p, q)}
     assert "convnext.encoder.stages.1.downsampling_layer.1.weight" in moved
     trainer.feedback.remove()
-    batch = {"pixel_values": torch.randn(4, 3, 16, 16, generator=g), "labels": torch.randint(0, 5, (4,), generator=g)}
-    assert audit_locality(model, batch, quick_args(tmp_path, rule=rule)).ok
+    assert audit_locality(model, image_batch(), quick_args(tmp_path, rule=rule)).ok
 
 
 def test_bp_on_a_model_with_another_rules_hooks_is_refused(tmp_path):
@@ -183,3 +178,11 @@ def test_gradient_checkpointing_enabled_by_hand_is_refused(tmp_path):
     model.gradient_checkpointing_enable()  # after the trainer was built
     with pytest.raises(RuntimeError, match=r"Gradient checkpointing is on .*gradient_checkpointing_disable"):
         trainer.train()
+
+
+def test_drtp_trains_a_model_whose_loss_the_trainer_scales_in_place(tmp_path):
+    """transformers' ViT takes loss kwargs, so the stock `compute_loss` does `loss *= ...`; DRTP's loss
+    wrapper returned a view and crashed ('Output 0 of LossGrad is a view and is being modified inplace')."""
+    trainer = GrapeTrainer(model=tiny_vit(), args=quick_args(tmp_path, rule="drtp"), train_dataset=image_dataset())
+    assert trainer.model_accepts_loss_kwargs and trainer.args.average_tokens_across_devices
+    trainer.train()

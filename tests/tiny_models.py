@@ -49,6 +49,14 @@ def token_dataset(n: int = 16, length: int = 16):
     return datasets.Dataset.from_dict({k: v.tolist() for k, v in batch.items()}).with_format("torch")
 
 
+def image_dataset(n: int = 8):
+    """`n` random 3 x 16 x 16 images with labels in [0, 5), as a torch-formatted `datasets.Dataset`."""
+    import datasets
+
+    batch = image_batch(batch=n, seed=0)
+    return datasets.Dataset.from_dict({k: v.tolist() for k, v in batch.items()}).with_format("torch")
+
+
 def quick_args(tmp_path, **kwargs):
     """`GrapeTrainingArguments` of a 2-step CPU run (batch 4, lr 1e-2, no saving); `kwargs` override."""
     from grape_hf import GrapeTrainingArguments
