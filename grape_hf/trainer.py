@@ -92,10 +92,11 @@ class GrapeTrainer(Trainer):
     def create_optimizer(self, model=None):
         """The Trainer's optimizer; with `block_lr_scale` != 1 each of its parameter groups is split so that
         the rule's block parameters (`Rule.block_parameters`) get `lr * block_lr_scale` (schedulers, built
-        after, scale from each group's own lr)."""
+        after, scale from each group's own lr). An optimizer made before (a second `train()`) is returned as is."""
+        made_now = self.optimizer is None
         optimizer = super().create_optimizer(model)
         scale = self.args.block_lr_scale
-        if scale == 1.0 or self.feedback is None:
+        if not made_now or scale == 1.0 or self.feedback is None:
             return optimizer
         blocks = self.feedback.block_parameters()
         if not blocks:

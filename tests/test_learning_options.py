@@ -55,6 +55,8 @@ def test_block_lr_scale_splits_the_optimizer_groups(tmp_path):
     for full in (model.transformer.wte.weight, model.transformer.wpe.weight, model.transformer.ln_f.weight):
         assert lr_of[id(full)] == pytest.approx(1e-2)
     assert len(lr_of) == len(list(model.parameters()))
+    assert trainer.create_optimizer() is optimizer  # a second call (a second train()) does not scale again
+    assert {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]} == lr_of
 
 
 def test_block_lr_scale_zero_freezes_the_blocks(tmp_path):
