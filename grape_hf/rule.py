@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .direct.matrices import FeedbackMatrices
+from .direct.placement import tap_name
 
 PROBE = "alignment probe (set alignment_probe_steps=0)"
 AUDIT = "feedback points to audit"
@@ -66,12 +67,7 @@ class Rule:
                 "audit); two sets of hooks would compute neither rule. Call `.feedback.remove()` on the trainer "
                 "that installed it first, or build a fresh model."
             )
-        if getattr(model, "is_gradient_checkpointing", False):
-            raise ValueError(
-                f"Gradient checkpointing is on for this {type(model).__name__} (`gradient_checkpointing_enable()`), "
-                f"which does not work with rule={self.name!r}: recomputing a block runs its feedback hooks twice. "
-                "Call `model.gradient_checkpointing_disable()` first."
-            )
+        self._refuse_gradient_checkpointing(model, ValueError)
         _INSTALLED[model] = self
         self._model = weakref.ref(model)
         self._handles = []
@@ -90,7 +86,7 @@ class Rule:
     @property
     def tap_name(self) -> str:
         """Where the error is read, e.g. 'lm_head:input' or 'classifier:output'."""
-        return f"{self.head}:{'input' if self.error_point == 'head_input' else 'output'}"
+        return tap_name(self.head, self.error_point)
 
     def hook(self, handle) -> None:
         """Keep a hook handle for `remove`."""
@@ -122,16 +118,21 @@ class Rule:
                 f"backpropagation while its checkpoints and model card still say {self.name!r}. Build a new "
                 "GrapeTrainer, or train with rule='bp'."
             )
-        if getattr(model, "is_gradient_checkpointing", False):
-            raise RuntimeError(
-                f"Gradient checkpointing is on for this {type(model).__name__} (`gradient_checkpointing_enable()`), "
-                f"which does not work with rule={self.name!r}: recomputing a block runs its feedback hooks twice. "
-                "Call `model.gradient_checkpointing_disable()`."
-            )
+        self._refuse_gradient_checkpointing(model, RuntimeError)
         if self.calibration_steps and (step + 1) % self.calibration_steps == 0:
             with self.bp_step():
                 return forward(inputs)
         return self.forward(self.checked(forward), inputs, step, first_micro_batch)
+
+    def _refuse_gradient_checkpointing(self, model: nn.Module, error: type[Exception]) -> None:
+        """Raise `error` when `model` recomputes its blocks (`gradient_checkpointing_enable()`, at install or
+        turned on later): the recomputation would run the rule's hooks twice."""
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise error(
+                f"Gradient checkpointing is on for this {type(model).__name__} (`gradient_checkpointing_enable()`), "
+                f"which does not work with rule={self.name!r}: recomputing a block runs its feedback hooks twice. "
+                "Call `model.gradient_checkpointing_disable()`."
+            )
 
     def checked(self, forward):
         """`forward`, wrapped in the rule's check that its hooks really ran (none by default)."""

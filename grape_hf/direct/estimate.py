@@ -117,7 +117,7 @@ class JacobianEstimator:
     def targets(self, estimate: Estimate) -> dict[str, torch.Tensor]:
         """`T_k` (point_features, error_features) per point of `estimate`, averaged across processes."""
         if estimate.tangent is None:
-            raise RuntimeError(f"The forward pass never reached the error tap at {self.network.tap_name}.")
+            raise RuntimeError(f"The forward pass never reached the error tap at {self.network.placement.tap_name}.")
         self.estimates_seen += 1
         return {name: reduce(jacobian_estimate(u, estimate.tangent), reduction="mean")  # same on all processes
                 for name, u in estimate.perturbations.items()}

@@ -171,12 +171,6 @@ class FeedbackNetwork:
         else:
             hook(head.register_forward_hook(self._tap_output))
 
-    @property
-    def tap_name(self) -> str:
-        """Where the error is read, e.g. 'lm_head:input' or 'classifier:output'."""
-        side = "input" if self.placement.error_point == "head_input" else "output"
-        return f"{self.placement.head}:{side}"
-
     def clear(self) -> None:
         """Drop the tensors of a forward that stopped before the tap."""
         self._recorded.clear()
@@ -294,7 +288,7 @@ class FeedbackNetwork:
         if point.shape[: len(lead)] != lead:
             raise ValueError(
                 f"Feedback point {name!r} has shape {tuple(point.shape)} but the error at "
-                f"{self.tap_name} has shape {tuple(z.shape)}: a point must share the error's leading "
+                f"{self.placement.tap_name} has shape {tuple(z.shape)}: a point must share the error's leading "
                 f"dimensions {tuple(lead)}. Read the error elsewhere (error_point) or choose other points."
             )
         return self.matrices.get(name, math.prod(point.shape[len(lead):]), z.shape[-1], z.device)

@@ -49,6 +49,11 @@ FINAL_NORMS = {
 HEAD_ATTRIBUTES = ("classifier", "score")
 
 
+def tap_name(head: str, error_point: str) -> str:
+    """'<head>:input' for error_point 'head_input', '<head>:output' for 'logits'."""
+    return f"{head}:{'input' if error_point == 'head_input' else 'output'}"
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where one rule's feedback goes.
@@ -66,6 +71,11 @@ class Placement:
     cuts: tuple[str, ...]
     head: str
     error_point: str
+
+    @property
+    def tap_name(self) -> str:
+        """Where the error is read, e.g. 'lm_head:input' (`tap_name`)."""
+        return tap_name(self.head, self.error_point)
 
     @property
     def point_names(self) -> tuple[str, ...]:
