@@ -127,7 +127,10 @@ class Rule:
     def _refuse_gradient_checkpointing(self, model: nn.Module, error: type[Exception]) -> None:
         """Raise `error` when `model` recomputes its blocks (`gradient_checkpointing_enable()`, at install or
         turned on later): the recomputation would run the rule's hooks twice."""
-        if getattr(model, "is_gradient_checkpointing", False):
+        # transformers 5 renamed the flag (the old name warns); look for the new one first
+        name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+            "is_gradient_checkpointing"
+        if getattr(model, name, False):
             raise error(
                 f"Gradient checkpointing is on for this {type(model).__name__} (`gradient_checkpointing_enable()`), "
                 f"which does not work with rule={self.name!r}: recomputing a block runs its feedback hooks twice. "

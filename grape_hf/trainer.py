@@ -161,9 +161,13 @@ class GrapeTrainer(Trainer):
             # On the unwrapped model: a forward with no backward must not reach DDP's reducer.
             unwrapped = self.accelerator.unwrap_model(model)
             self.probe.measure(lambda: Trainer.compute_loss(self, unwrapped, inputs), self.args.device)
-        loss, outputs = self.feedback.training_forward(
-            lambda batch: Trainer.compute_loss(self, model, batch, True, num_items_in_batch), inputs, step,
-            first_micro_batch)
+        compute = super().compute_loss  # the next class's: Trainer's, or SFTTrainer's (grape_hf.sft)
+
+        def forward(batch):  # (loss, outputs), outputs None when not asked for (they may cost a forward)
+            result = compute(model, batch, return_outputs, num_items_in_batch)
+            return result if return_outputs else (result, None)
+
+        loss, outputs = self.feedback.training_forward(forward, inputs, step, first_micro_batch)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
