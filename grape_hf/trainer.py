@@ -122,7 +122,7 @@ class GrapeTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.feedback is not None and not self._reach_checked:
             self._reach_checked = True
-            check_reached(self.accelerator.unwrap_model(model), self.feedback)
+            check_reached(self.accelerator.unwrap_model(model), self.feedback, self._prepare_inputs(inputs))
         return loss
 
     def _save_checkpoint(self, model, trial) -> None:

@@ -1,11 +1,18 @@
 """The locality audit passes on every supported family and setting, and names a leak when there is one."""
 
 import dataclasses
+import re
 
 import pytest
+from tiny_models import FAMILIES as ALL_FAMILIES
 from tiny_models import image_batch, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 
-from grape_hf import GrapeTrainingArguments, LocalityError, audit_locality, resolve_placement
+from grape_hf import (
+    GrapeTrainingArguments,
+    LocalityError,
+    audit_locality,
+    resolve_placement,
+)
 from grape_hf.diagnostics.audit import audit_network
 from grape_hf.direct.network import TAP
 from grape_hf.rules import DFA
@@ -57,3 +64,39 @@ def test_broken_placement_fails_and_names_the_leak(tmp_path):
     report = audit_network(model, network, token_batch(), raise_on_leak=False)
     assert set(report.leaks) == {"transformer.wte.weight", "transformer.wpe.weight"}
 
+
+
+def family_args(tmp_path, setting="micro"):
+    return dfa_args(tmp_path / setting, setting=setting)
+
+
+def test_parallel_branches_share_their_input_norm(tmp_path):
+    """Phi runs attention and MLP on one input norm: both points reach it, which the audit knows
+    (`Placement.shared`); forgotten, it is reported as the leak it would otherwise look like."""
+    model = ALL_FAMILIES["Phi"].build()
+    batch = token_batch()
+    args = family_args(tmp_path)
+    report = audit_locality(model, batch, args)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert norm in report.receivers["model.layers.0.self_attn"] and norm in report.receivers["model.layers.0.mlp"]
+    forgotten = dataclasses.replace(resolve_placement(model, args), shared=())
+    rule = DFA(model, args, placement=forgotten)
+    try:
+        with pytest.raises(LocalityError, match=rf"LEAK {re.escape(norm)} receives gradient from "
+                                                r"model\.layers\.0\.self_attn, model\.layers\.0\.mlp"):
+            audit_network(model, rule, batch)
+    finally:
+        rule.remove()
+
+
+@pytest.mark.parametrize("family, point, member", [
+    ("Gemma-2", "model.layers.0.post_attention_layernorm", "model.layers.0.post_attention_layernorm.weight"),
+    ("DINOv2", "dinov2.encoder.layer.0.layer_scale1", "dinov2.encoder.layer.0.layer_scale1.lambda1"),
+    ("BEiT", "beit.layers.0", "beit.layers.0.lambda_1"),  # a bare parameter: the block's own point trains it
+    ("OPT", "model.decoder.layers.0", "model.decoder.layers.0.fc2.weight"),  # fc2 runs on (tokens, d)
+])
+def test_micro_points_sit_after_post_branch_norms_and_layer_scales(tmp_path, family, point, member):
+    model = ALL_FAMILIES[family].build()
+    batch = token_batch(length=8) if ALL_FAMILIES[family].kind == "lm" else image_batch()
+    report = audit_locality(model, batch, family_args(tmp_path))
+    assert member in report.receivers[point]

@@ -6,12 +6,20 @@ import dataclasses
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import FAMILIES
 from torch.nn.functional import conv2d, cross_entropy, max_pool2d, max_unpool2d, relu
 from torch.nn.grad import conv2d_weight
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from grape_hf import (MODEL_NAMES, GrapeTrainer, GrapeTrainingArguments, LocalityError, audit_locality,
-                      build_image_model, resolve_placement)
+from grape_hf import (
+    MODEL_NAMES,
+    GrapeTrainer,
+    GrapeTrainingArguments,
+    LocalityError,
+    audit_locality,
+    build_image_model,
+    resolve_placement,
+)
 from grape_hf.diagnostics.audit import audit_network
 from grape_hf.direct.network import TAP
 from grape_hf.rules import DFA, RULES
@@ -191,3 +199,45 @@ def test_clear_errors():
         build_image_model("lenet", LABELS, 3, 32)
     with pytest.raises(ValueError, match="MLPConfig has no field hiden_size; its fields are .*hidden_size"):
         build_image_model("mlp", LABELS, 3, 32, hiden_size=64)
+
+
+# 6. Hugging Face vision families: blocks that nest or that `_no_split_modules` does not name.
+def hf_images() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 5, (2,), generator=g)}
+
+
+def test_hf_resnet_blocks_are_its_stages_and_micro_its_layers(tmp_path):
+    """HF ResNet declares only its conv layers (inside nn.Sequential): the stages holding them are the blocks."""
+    model = FAMILIES["HF ResNet"].build()
+    macro = resolve_placement(model, args(tmp_path, setting="macro"))
+    assert macro.points == macro.cuts == ("resnet.encoder.stages.0", "resnet.encoder.stages.1")
+    micro = resolve_placement(model, args(tmp_path, setting="micro"))
+    assert micro.points == ("resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0")
+    assert audit_locality(model, hf_images(), args(tmp_path, rule="dfa", setting="micro")).ok
+
+
+def test_micro_points_at_the_units_of_nested_blocks(tmp_path):
+    """ConvNeXt's downsampling runs before its stage's layers: it trains with the first layer. Swin's patch
+    merging runs after its stage's blocks: the stage is a point of its own, whose segment is the merging."""
+    convnext = audit_locality(FAMILIES["ConvNeXt"].build(), hf_images(), args(tmp_path, rule="dfa", setting="micro"))
+    first = convnext.receivers["convnext.encoder.stages.1.layers.0"]
+    assert "convnext.encoder.stages.1.downsampling_layer.1.weight" in first
+    swin_model = FAMILIES["Swin"].build()
+    swin = audit_locality(swin_model, hf_images(), args(tmp_path, rule="dfa", setting="micro"))
+    merging = {name for name, _ in swin_model.swin.encoder.layers[0].downsample.named_parameters()}
+    assert set(swin.receivers["swin.encoder.layers.0"]) == {f"swin.encoder.layers.0.downsample.{n}" for n in merging}
+    assert "swin.encoder.layers.1" not in swin.receivers  # the last stage holds nothing after its blocks
+    assert len([s for s in swin.receivers if ".blocks." in s]) == 4
+
+
+def test_parameters_the_forward_never_uses_are_not_refused(tmp_path):
+    """DINOv2 keeps a mask_token that only masked-image pretraining uses: plain BP leaves it alone too, so the
+    first step's reach check lets it be (and still names parameters that the placement alone leaves out)."""
+    model = FAMILIES["DINOv2"].build()
+    mask_token = model.dinov2.embeddings.mask_token.detach().clone()
+    data = Dataset.from_dict({k: v.tolist() for k, v in hf_images().items()}).with_format("torch")
+    trainer = GrapeTrainer(model=model, train_dataset=data, args=args(
+        tmp_path, rule="dfa", max_steps=1, per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True))
+    trainer.train()
+    assert torch.equal(model.dinov2.embeddings.mask_token, mask_token)

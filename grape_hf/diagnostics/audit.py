@@ -3,19 +3,23 @@
 One forward pass on a batch (as the rule trains: `Rule.as_trained`), then one backward per source
 (each point, and the tap's own error `e`) from the tap's output, with the tap letting only that
 source's signal through (`Rule.isolating`). `grape_hf.audit_locality(model, batch, args)` installs
-the rule of `args`, audits it and removes it again. A parameter
-that receives gradient from two sources has a gradient path across a point: a leak. A parameter
-shared by several modules (GPT-2 ties its input embedding to the output head) may receive one
-signal per module that holds it. Parameters above the tap (the head) are trained by true BP from
-the loss and are not part of the audit's backward.
+the rule of `args`, audits it and removes it again. A parameter that receives gradient from two
+sources has a gradient path across a point: a leak. A parameter shared by several modules (GPT-2
+ties its input embedding to the output head) may receive one signal per module that holds it, and
+the input norm of parallel branches (`Placement.shared`: Phi, GPT-J, Falcon) one signal from all the
+points it feeds together. Parameters above the tap (the head) are trained by true BP from the loss
+and are not part of the audit's backward.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..rule import Rule
+
+logger = logging.getLogger(__name__)
 
 
 class LocalityError(AssertionError):
@@ -29,7 +33,7 @@ class LocalityReport:
     Attributes:
         receivers: source (a point name or 'error tap') -> names of the parameters it gave gradient.
         leaks: parameter name -> the sources it received from, for parameters reached by more sources
-            than the modules that hold them.
+            than the modules that hold them (the points a shared input norm feeds count as one source).
         idle_points: points whose own module received nothing from them.
         unreached: parameters no source reached: the head above the tap (trained by true BP from the
             loss, outside this backward), and frozen or cut-off ones.
@@ -57,6 +61,17 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(param), []).append(name)
     return holders
+
+
+def _shared_points(model: nn.Module, rule: Rule) -> dict[int, set[str]]:
+    """Parameter id -> the points whose feedback may all reach it (`Placement.shared`: the input norm of
+    parallel branches); empty for a rule without a placement."""
+    placement = getattr(rule, "placement", None)
+    together: dict[int, set[str]] = {}
+    for module, points in getattr(placement, "shared", ()):
+        for p in model.get_submodule(module).parameters():
+            together.setdefault(id(p), set()).update(points)
+    return together
 
 
 def audit_network(model: nn.Module, rule: Rule, batch: dict, raise_on_leak: bool = True) -> LocalityReport:
@@ -102,9 +117,13 @@ def audit_network(model: nn.Module, rule: Rule, batch: dict, raise_on_leak: bool
             received_from.setdefault(id(p), []).append(source)
 
     report = LocalityReport(receivers=receivers)
+    together = _shared_points(model, rule)
     for p in params:
         sources = received_from.get(id(p), [])
-        if len(sources) > len(holders[id(p)]):
+        # The points that share this parameter's input norm give one signal between them.
+        distinct = [s for s in sources if s not in together.get(id(p), ())] + sorted(
+            set(sources) & together.get(id(p), set()))[:1]
+        if len(distinct) > len(holders[id(p)]):
             report.leaks[holders[id(p)][0]] = sources
         if not sources:
             report.unreached.append(holders[id(p)][0])
@@ -121,11 +140,38 @@ class UnreachedParametersError(RuntimeError):
     """A training step left trainable parameters without any gradient; the message names them."""
 
 
-def check_reached(model: nn.Module, rule: Rule) -> None:
+def unused_by_forward(model: nn.Module, rule: Rule, inputs: dict, names: list[str]) -> list[str]:
+    """Those of the parameters `names` that a plain BP forward and backward on `inputs` leaves without gradient:
+    the model's own forward does not use them (DINOv2's `mask_token` without `bool_masked_pos`)."""
+    params = dict(model.named_parameters())
+    was_training = model.training
+    model.eval()  # no batch-norm statistics move for this check
+    try:
+        with torch.enable_grad(), rule.bp_step():
+            outputs = model(**inputs)
+    finally:
+        model.train(was_training)
+    if isinstance(outputs, dict):
+        loss = outputs["loss"] if outputs.get("loss") is not None else next(iter(outputs.values())).float().sum()
+    else:
+        loss = outputs[0].float().sum()
+    grads = torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)
+    return [name for name, grad in zip(names, grads) if grad is None]
+
+
+def check_reached(model: nn.Module, rule: Rule, inputs: dict | None = None) -> None:
     """After a training step's backward: raise `UnreachedParametersError` naming every trainable parameter
     of `model` that received no gradient, so a placement never leaves part of the model silently
-    untrained (a point list that skips a module, an error tap inside the model, a cut-off embedding)."""
+    untrained (a point list that skips a module, an error tap inside the model, a cut-off embedding).
+    With `inputs` (the step's model inputs), parameters that plain BP leaves without gradient on them too
+    are only logged: the model's forward does not use them, whatever the rule."""
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing and inputs is not None:
+        unused = unused_by_forward(model, rule, inputs, missing)
+        if unused:
+            logger.info("Parameters the model's forward does not use, so no rule trains them (backpropagation "
+                        "neither): %s", ", ".join(unused))
+        missing = [name for name in missing if name not in unused]
     if missing:
         shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
         raise UnreachedParametersError(

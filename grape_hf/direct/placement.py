@@ -1,9 +1,16 @@
 """Where the feedback points, the cuts and the error tap go in a Hugging Face model.
 
 Macro: one point per block (the residual stream after the block). Blocks are the modules whose
-class is listed in the model's own `_no_split_modules` and that sit in an `nn.ModuleList`, so
-any model that declares its block class gets macro for free.
-Micro: one point per residual branch (attention, MLP), named per block class in `MICRO_SUBLAYERS`.
+class is listed in the model's own `_no_split_modules` and that sit in an `nn.ModuleList` (the outer
+ones where such blocks nest: ConvNeXt's stages, not their layers), so any model that declares its
+block class gets macro for free. A model whose declared classes sit deeper (HF ResNet declares its
+conv layers) has as blocks the children of an `nn.ModuleList` that hold them (its stages).
+Micro: one point per residual branch, named per block class in `MICRO_SUBLAYERS`: the module whose
+output is added to the block's input stream (after a post-branch norm or layer-scale module, so that
+module trains in the branch's segment), or the block itself for its last branch where no module ends
+that branch. A block without such an entry that holds repeated units of its own (the layers of a
+ConvNeXt or HF ResNet stage, the blocks of a Swin stage) has those units as its points, plus itself
+when it holds parameters after them (Swin's patch merging).
 Both add a point on the embeddings (the input of the first block) unless told not to.
 Every block input is a cut: its tensor inputs are detached, so no path (a residual stream, a
 position tensor or mask shared by all blocks) carries true gradient from one segment to another.
@@ -22,28 +29,55 @@ logger = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings"  # name of the point on the first block's input
 
-# Block class -> names of its residual-branch modules (the micro setting's points).
+# Block class -> the modules (names inside the block) whose outputs are its residual branches, in forward
+# order; "" is the block itself, the point of a last branch that no module ends: a bare layer-scale parameter
+# multiplies it (BEiT), it is reshaped around its add (OPT's fc2 runs on (tokens, d)), or its module adds the
+# stream itself (BERT's output). The block's output is then that branch plus a stream that carries no gradient
+# (the earlier branches' points and the block's input cut detach it), so the point trains the same segment.
 MICRO_SUBLAYERS = {
     "GPT2Block": ("attn", "mlp"),
     "LlamaDecoderLayer": ("self_attn", "mlp"),
     "MistralDecoderLayer": ("self_attn", "mlp"),
     "Qwen2DecoderLayer": ("self_attn", "mlp"),
     "Qwen3DecoderLayer": ("self_attn", "mlp"),
+    "GemmaDecoderLayer": ("self_attn", "mlp"),
+    "Phi3DecoderLayer": ("self_attn", "mlp"),
+    "StableLmDecoderLayer": ("self_attn", "mlp"),
+    "OlmoDecoderLayer": ("self_attn", "mlp"),
+    "MixtralDecoderLayer": ("self_attn", "mlp"),
+    "Qwen2MoeDecoderLayer": ("self_attn", "mlp"),
+    "GPTNeoXLayer": ("attention", "mlp"),
     "ViTLayer": ("attention", "mlp"),  # transformers >= 5.9 layout
+    "DeiTLayer": ("attention", "mlp"),
+    "ModernBertEncoderLayer": ("attn", "mlp"),
+    # The residual add happens inside these branch modules: their output is the stream after the branch.
+    "BloomBlock": ("self_attention", "mlp"),
+    "BertLayer": ("attention", ""),
+    # Post-branch norms and layer-scales: the point sits after them, so they train with their branch.
+    "Gemma2DecoderLayer": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "Gemma3DecoderLayer": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "Olmo2DecoderLayer": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "Dinov2Layer": ("layer_scale1", "layer_scale2"),
+    "BeitLayer": ("attention", ""),  # lambda_1 then trains with the second point, lambda_2 with its own
+    "OPTDecoderLayer": ("self_attn", ""),
+    # Parallel attention and MLP on one input norm (`SHARED_INPUTS`).
+    "PhiDecoderLayer": ("self_attn", "mlp"),
+    "GPTJBlock": ("attn", "mlp"),
+    "FalconDecoderLayer": ("self_attention", "mlp"),
+}
+
+# Block class -> its input norm that feeds several branches at once (parallel attention and MLP): that norm's
+# parameters legitimately receive the feedback of every point of its block, as tied weights receive one per holder.
+SHARED_INPUTS = {
+    "PhiDecoderLayer": "input_layernorm",
+    "GPTJBlock": "ln_1",
+    "FalconDecoderLayer": "input_layernorm",  # absent with two norms (new_decoder_architecture): then nothing shared
+    "StableLmDecoderLayer": "input_layernorm",  # shared with use_parallel_residual=True
 }
 
 # Class attribute of a model that declares its own points: setting -> module-name patterns
 # (grape_hf.models: MLP, CNN, AlexNet, VGG, ResNet); it overrides the block discovery above.
 DECLARED_POINTS = "_feedback_points"
-
-# Causal LM class -> its final norm, whose input error_point="residual" reads: the pre-LN residual stream.
-FINAL_NORMS = {
-    "GPT2LMHeadModel": "transformer.ln_f",
-    "LlamaForCausalLM": "model.norm",
-    "MistralForCausalLM": "model.norm",
-    "Qwen2ForCausalLM": "model.norm",
-    "Qwen3ForCausalLM": "model.norm",
-}
 
 # Attributes that hold a classifier head when the model has no output embeddings.
 HEAD_ATTRIBUTES = ("classifier", "score")
@@ -64,6 +98,8 @@ class Placement:
         cuts: names of the modules whose tensor inputs are detached (every block).
         head: name of the output head around which the error tap sits.
         error_point: "head_input" (the tap is the head's input) or "logits" (the head's output).
+        shared: (module name, the points whose feedback may all reach its parameters) for each module
+            that feeds several points at once (the input norm of parallel branches); the audit knows them.
     """
 
     points: tuple[str, ...]
@@ -71,6 +107,7 @@ class Placement:
     cuts: tuple[str, ...]
     head: str
     error_point: str
+    shared: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def tap_name(self) -> str:
@@ -86,15 +123,55 @@ class Placement:
 def find_blocks(model: nn.Module) -> list[str]:
     """Names of the repeated blocks: modules of a `_no_split_modules` class inside an `nn.ModuleList`.
     Where such blocks nest (ConvNeXt's layers inside its stages), the outer ones: every parameter of a
-    stage (its downsampling too) then lies in one segment, and no point sits inside another."""
+    stage (its downsampling too) then lies in one segment, and no point sits inside another (micro
+    points at the inner ones, `sub_units`). Where no declared module sits in an `nn.ModuleList` (HF
+    ResNet declares its conv layers, inside `nn.Sequential`s), the children of an `nn.ModuleList` that
+    hold declared modules (its stages)."""
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = []
-    for parent_name, parent in model.named_modules():
-        if isinstance(parent, nn.ModuleList):
-            for child_name, child in parent.named_children():
-                if type(child).__name__ in block_classes:
-                    blocks.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if not block_classes:
+        return []
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    blocks = [f"{name}.{child_name}" if name else child_name for name, parent in lists
+              for child_name, child in parent.named_children() if type(child).__name__ in block_classes]
+    if not blocks:
+        blocks = [f"{name}.{child_name}" if name else child_name for name, parent in lists
+                  for child_name, child in parent.named_children()
+                  if any(type(inner).__name__ in block_classes for inner in child.modules())]
     return [block for block in blocks if not any(block.startswith(outer + ".") for outer in blocks)]
+
+
+def sub_units(block: nn.Module) -> tuple[list[str], bool]:
+    """The repeated units a block holds (names inside it), and whether the block holds parameters after them.
+
+    The units are the children of the block's `nn.ModuleList` or `nn.Sequential` children whose members are
+    all of one class and hold parameters (a ConvNeXt stage's `layers`, a Swin stage's `blocks`, an HF ResNet
+    stage's `layers`); none for a transformer block. The parameters of the block outside its units join the
+    first unit's segment when they are registered before the units (ConvNeXt's downsampling runs first: the
+    block's input cut is above it), and need the block itself as a point when registered after (Swin's patch
+    merging runs last); forward order is read from registration order, and the audit checks the result.
+    """
+    children = list(block.named_children())
+    for index, (name, child) in enumerate(children):
+        members = list(child.children()) if isinstance(child, (nn.ModuleList, nn.Sequential)) else []
+        if members and len({type(m) for m in members}) == 1 and any(True for _ in child.parameters()):
+            after = any(True for _, later in children[index + 1:] for _ in later.parameters())
+            return [f"{name}.{member}" for member, _ in child.named_children()], after
+    return [], False
+
+
+def find_final_norm(model: nn.Module, blocks: list[str]) -> str | None:
+    """The norm after the last block (`transformer.ln_f`, `model.norm`, `model.decoder.final_layer_norm`): a
+    child, whose class name has 'Norm' in it, of the module that holds the blocks' `nn.ModuleList`; the first
+    one registered after that list, else the last one (OPT registers its final norm before its layers); None
+    when there is none. Its input is the residual stream that error_point="residual" reads."""
+    if not blocks:
+        return None
+    parent_name, _, list_name = blocks[-1].rsplit(".", 1)[0].rpartition(".")
+    names = [name for name, _ in model.get_submodule(parent_name).named_children()]
+    norms = [name for name in names if "Norm" in type(model.get_submodule(parent_name).get_submodule(name)).__name__]
+    after = [name for name in norms if names.index(name) > names.index(list_name)]
+    chosen = after[0] if after else (norms[-1] if norms else None)
+    return None if chosen is None else f"{parent_name}.{chosen}" if parent_name else chosen
 
 
 def find_head(model: nn.Module, head_module: str | None = None) -> str:
@@ -144,10 +221,43 @@ def match_modules(model: nn.Module, patterns: list[str], every_pattern: bool = T
 
 def _suggested_points(model: nn.Module) -> list[str]:
     """Globs over the model's own repeated modules (`<list>.*` for each nn.ModuleList of several children),
-    for error messages; a generic example when it has none."""
+    for error messages; else the names of its top-level modules (names it has, never a generic example)."""
     lists = [f"{name}.*" for name, module in model.named_modules()
              if name and isinstance(module, nn.ModuleList) and len(module) > 1]
-    return lists[:2] or ["encoder.layers.*"]
+    return lists[:2] or [name for name, _ in model.named_children()][:2]
+
+
+def micro_points(model: nn.Module, block: str) -> list[str]:
+    """The micro points of `block`: its residual branches (`MICRO_SUBLAYERS`), else its `sub_units`.
+    Raises a `ValueError` naming `feedback_modules` for a block it does not know."""
+    module = model.get_submodule(block)
+    block_class = type(module).__name__
+    if block_class in MICRO_SUBLAYERS:
+        return [f"{block}.{sub}" if sub else block for sub in MICRO_SUBLAYERS[block_class]]
+    units, after = sub_units(module)
+    if units:
+        return [f"{block}.{unit}" for unit in units] + ([block] if after else [])
+    children = [name for name, _ in module.named_children()]
+    raise ValueError(
+        f"The micro setting does not know the sub-layers of {block_class} (its residual branches; known: "
+        f"{', '.join(sorted(MICRO_SUBLAYERS))}), and it holds no repeated units. Name its residual branches (the "
+        f"modules whose outputs are added to the block's input) yourself with feedback_modules, '*' standing for "
+        f"the block index, e.g. ['{block.rsplit('.', 1)[0]}.*.<branch>'] for <branch> among its children "
+        f"{children}, or use setting='macro'."
+    )
+
+
+def shared_inputs(model: nn.Module, blocks: list[str], points: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(norm, the points inside its block) for every block whose `SHARED_INPUTS` norm feeds two or more of
+    `points` (the micro branches, or the user's `feedback_modules` on them)."""
+    shared = []
+    for block in blocks:
+        norm = SHARED_INPUTS.get(type(model.get_submodule(block)).__name__)
+        inside = tuple(point for point in points if point.startswith(block + "."))
+        if norm is not None and len(inside) > 1 and isinstance(getattr(model.get_submodule(block), norm, None),
+                                                                nn.Module):
+            shared.append((f"{block}.{norm}", inside))
+    return tuple(shared)
 
 
 def resolve_placement(model: nn.Module, args) -> Placement:
@@ -170,32 +280,22 @@ def resolve_placement(model: nn.Module, args) -> Placement:
     elif not blocks:
         raise ValueError(
             f"No blocks found in {model_class}: its _no_split_modules is "
-            f"{getattr(model, '_no_split_modules', None)!r} and no module of those classes sits in an nn.ModuleList. "
+            f"{getattr(model, '_no_split_modules', None)!r} and no module of those classes sits in (a child of) an "
+            "nn.ModuleList. "
             f"Name the feedback points yourself, e.g. feedback_modules={_suggested_points(model)} (names from "
             "model.named_modules(), where '*' stands for one dotted component)."
         )
     elif args.setting == "macro":
         points = blocks
     else:
-        points = []
-        for block in blocks:
-            block_class = type(model.get_submodule(block)).__name__
-            if block_class not in MICRO_SUBLAYERS:
-                children = [name for name, _ in model.get_submodule(block).named_children()]
-                raise ValueError(
-                    f"The micro setting does not know the sub-layers of {block_class} (known: "
-                    f"{', '.join(sorted(MICRO_SUBLAYERS))}). Name its residual branches yourself with "
-                    f"feedback_modules, '*' standing for the block index, e.g. "
-                    f"['{block.rsplit('.', 1)[0]}.*.<branch>'] for <branch> among its children {children}."
-                )
-            points += [f"{block}.{sub}" for sub in MICRO_SUBLAYERS[block_class]]
+        points = [point for block in blocks for point in micro_points(model, block)]
 
     error_point = args.error_point or default_error_point(model)
     if error_point == "residual":  # a head_input tap on the final norm: the error is read on the residual stream
-        head = args.head_module or FINAL_NORMS.get(model_class)
+        head = args.head_module or find_final_norm(model, blocks)
         if head is None:
-            raise ValueError(f"error_point='residual' does not know the final norm of {model_class} (known: "
-                             f"{', '.join(sorted(FINAL_NORMS))}); name it with head_module.")
+            raise ValueError(f"error_point='residual' found no final norm in {model_class} (a module whose class name "
+                             "has 'Norm' in it, registered after its blocks): name it with head_module.")
         model.get_submodule(head)  # raises AttributeError naming a missing module
         error_point = "head_input"
     else:
@@ -209,4 +309,5 @@ def resolve_placement(model: nn.Module, args) -> Placement:
         cuts=tuple(blocks),
         head=head,
         error_point=error_point,
+        shared=shared_inputs(model, blocks, points),
     )
