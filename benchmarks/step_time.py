@@ -2,17 +2,25 @@
 
     python benchmarks/step_time.py                      # GPT-2 (4 x 256, seq 128, batch 8) and a ViT, CPU-sized
     python benchmarks/step_time.py --model gpt2 --n_layer 6 --d_model 512 --batch 16 --rounds 5
+    python benchmarks/step_time.py --critical_path      # also: DFA's backward as independent segments
 
 Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
 optimizer step, i.e. what training costs. The variants run in rounds of blocks of steps, so drift
 of the machine hits all alike; the table gives median and mean step time and peak memory with
 ratios to BP.
+Critical path (`--critical_path`): once `e` is known, DFA's segments are independent, so their local
+backwards could run in parallel (one CUDA stream each). On one forward of the DFA model, it times the
+whole backward (sequential, as today), the part above the tap alone (loss, head, the tap: the
+`TAP` source of `Rule.isolating`) and each point's backward alone (`Rule.isolating(point)`: the head
+part, the projection `B_k e` and that segment), next to BP's backward on the same model and batch.
+The ideal parallel backward is the head part plus the slowest segment (its projection included).
 Memory: on CUDA the allocator's peak; on CPU the bytes of the tensors saved for backward that are
 still alive when the forward ends (the activations, where the rules differ; weights and optimizer
 state are the same for all), measured in a separate untimed forward.
 """
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -23,6 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClas
 from transformers.utils import logging as hf_logging
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
+from grape_hf.direct.network import TAP
 
 VARIANTS = {  # name -> GrapeTrainingArguments overrides
     "bp": dict(rule="bp"),
@@ -137,6 +146,45 @@ def run(flags):
               f"{memory[name] / 2**20:.1f} | {memory[name] / bp_memory:.2f} |")
 
 
+def timed_backward(loss: torch.Tensor, context, repeats: int) -> float:
+    """Median seconds of `loss.backward(retain_graph=True)` inside `context()`, over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        with context():
+            start = time.perf_counter()
+            loss.backward(retain_graph=True)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def critical_path(flags) -> None:
+    """Print BP's backward, DFA's sequential backward and its ideal parallel one (see the module docstring)."""
+    repeats = max(3, flags.rounds * flags.block)
+    with tempfile.TemporaryDirectory() as out:
+        trainer, batch = make_trainer(flags, dict(rule="dfa"), out)
+        rule, model = trainer.feedback, trainer.model
+        model.train()
+        with rule.bp_step():  # the same model and batch, its hooks idle
+            bp_loss = model(**batch).loss
+        bp = timed_backward(bp_loss, rule.bp_step, repeats)
+        del bp_loss
+        loss = trainer.compute_loss(model, batch)
+        whole = timed_backward(loss, contextlib.nullcontext, repeats)
+        head = timed_backward(loss, lambda: rule.isolating(TAP), repeats)
+        segments = {name: timed_backward(loss, lambda name=name: rule.isolating(name), repeats) - head
+                    for name in rule.point_names}
+        model.zero_grad(set_to_none=True)
+    slowest = max(segments, key=segments.get)
+    ideal = head + segments[slowest]
+    print(f"\n{flags.model} DFA {flags.setting} backward, {len(segments)} segments ({repeats} runs each, median): "
+          f"BP {bp * 1e3:.1f} ms; DFA sequential {whole * 1e3:.1f} ms ({whole / bp:.2f} x BP); above the tap "
+          f"{head * 1e3:.1f} ms; slowest segment {slowest} {segments[slowest] * 1e3:.1f} ms; ideal parallel "
+          f"{ideal * 1e3:.1f} ms ({ideal / bp:.2f} x BP, {ideal / whole:.2f} x DFA sequential)")
+    print("| segment | " + " | ".join(segments) + " |")
+    print("|---" * (len(segments) + 1) + "|")
+    print("| ms | " + " | ".join(f"{t * 1e3:.1f}" for t in segments.values()) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["gpt2", "vit", "both"], default="both")
@@ -152,11 +200,14 @@ def main():
                                                              "so grape/4 estimates on one step in four)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before each block")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--critical_path", action="store_true", help="also time DFA's backward segment by segment")
     flags = parser.parse_args()
     hf_logging.set_verbosity_error()
     for model in (["gpt2", "vit"] if flags.model == "both" else [flags.model]):
         flags.model = model
         run(flags)
+        if flags.critical_path:
+            critical_path(flags)
 
 
 if __name__ == "__main__":
