@@ -4,13 +4,16 @@ On an untouched copy of the model the test reads the error `e = dL/dz` at the ta
 then takes, for every segment k, the local `torch.autograd.grad` of its output `h_k` w.r.t. its own
 parameters with `B_k e` injected (the matrices are the library's, the segments the test's own).
 The head above the tap gets the true gradient with `z` held fixed. The library's gradients, from
-one ordinary `loss.backward()`, must equal the sum of these.
+one ordinary `loss.backward()`, must equal the sum of these. A point with positions under an error
+without them (ViT's and BERT's logits) gets `B_k e` at every position, weighted 1/m over the m
+positions the attention mask marks as real and 0 on padding.
 """
 
 import copy
 
 import pytest
 import torch
+from test_variable_length import padded_batch, tiny_bert
 from tiny_models import image_batch, tiny_gpt2, tiny_vit, token_batch
 
 from grape_hf import GrapeTrainingArguments
@@ -37,10 +40,16 @@ VIT_SEGMENTS = {
     | {f"vit.layers.{i}.mlp": (f"vit.layers.{i}.mlp", [f"vit.layers.{i}.layernorm_after.", f"vit.layers.{i}.mlp."])
        for i in range(n)},
 }
+BERT_SEGMENTS = {
+    "macro": lambda n: {"embeddings": ("bert.encoder.layer.0", ["bert.embeddings."])}
+    | {f"bert.encoder.layer.{i}": (f"bert.encoder.layer.{i}", [f"bert.encoder.layer.{i}."]) for i in range(n)},
+}
 # family -> (model, batch, segments, tap module, tap side, parameters between the last point and the tap)
 FAMILIES = {
     "gpt2": (tiny_gpt2, token_batch, GPT2_SEGMENTS, "lm_head", "input", ["transformer.ln_f."]),
     "vit": (tiny_vit, image_batch, VIT_SEGMENTS, "classifier", "output", ["vit.layernorm.", "classifier."]),
+    # A classifier on a dynamically padded batch: its blocks' positions vary, the error has none.
+    "bert": (tiny_bert, padded_batch, BERT_SEGMENTS, "classifier", "output", ["bert.pooler.", "classifier."]),
 }
 
 
@@ -99,18 +108,24 @@ def expected_dfa_gradients(model, batch, segments, tap_module, tap_side, tap_seg
 
     add_local(taps["z"], tap_segment, error)
     lead = error.dim() - 1
+    mask = batch.get("attention_mask")
     for point, (_, prefixes) in segments.items():
         h = inputs[point] if point == "embeddings" else outputs[point]
         B = matrices[point]
-        assert B.shape == (h[(0,) * lead].numel(), error.shape[-1])
-        feedback = (error.reshape(-1, error.shape[-1]) @ B.T).reshape(h.shape)
+        if h.dim() == error.dim() + 1:  # (batch, positions, d) under (batch, classes): broadcast
+            assert B.shape == (h.shape[-1], error.shape[-1])
+            real = torch.ones(h.shape[:-1]) if mask is None else mask.float()
+            feedback = (error @ B.T).unsqueeze(-2) * (real / real.sum(-1, keepdim=True)).unsqueeze(-1)
+        else:
+            assert B.shape == (h[(0,) * lead].numel(), error.shape[-1])
+            feedback = (error.reshape(-1, error.shape[-1]) @ B.T).reshape(h.shape)
         add_local(h, prefixes, feedback)
     # GPT-2's tied input embedding and head are one parameter (named once): both terms landed on it.
     return expected
 
 
-@pytest.mark.parametrize("setting", ["macro", "micro"])
-@pytest.mark.parametrize("family", ["gpt2", "vit"])
+@pytest.mark.parametrize("family, setting", [("gpt2", "macro"), ("gpt2", "micro"), ("vit", "macro"), ("vit", "micro"),
+                                             ("bert", "macro")])
 def test_dfa_gradients_equal_the_rule(family, setting, tmp_path):
     make_model, make_batch, segments, tap_module, tap_side, tap_segment = FAMILIES[family]
     model = make_model()

@@ -35,11 +35,6 @@ LM_ONLY = {"DFA residual"}
 def applies(family: str, cell: str) -> bool:
     return cell not in LM_ONLY or FAMILIES[family].kind == "lm"
 
-# Cells another part of issue 11 makes work (GrAPE through ops without forward AD: BLOOM's GELU Function, the MoE
-# experts' grouped matmuls); they may pass already.
-PENDING = {(family, "GrAPE macro"): "GrAPE through ops without forward AD (issue 11 item 3)"
-           for family in ("BLOOM", "Mixtral", "Qwen2-MoE")}
-
 # Parameters the model's own forward never uses (plain BP leaves them untouched too): they must not move.
 UNUSED = {"DINOv2": {"dinov2.embeddings.mask_token"}}
 
@@ -103,17 +98,9 @@ def run_cell(family: str, cell: str, output_dir: str) -> None:
     trainer.feedback.remove()
 
 
-def expectation(family: str, cell: str):
-    """`pytest.param` marks for a pending cell."""
-    reason = PENDING.get((family, cell))
-    return [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-
-
 @pytest.mark.parametrize("family, cell", [pytest.param(f, c, id=f"{f}-{c}".replace(" ", "_"))
                                           for c in CELLS for f in FAMILIES if applies(f, c)])
-def test_family(family, cell, tmp_path, request):
-    for mark in expectation(family, cell):
-        request.applymarker(mark)
+def test_family(family, cell, tmp_path):
     run_cell(family, cell, str(tmp_path))
 
 

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from grape_hf.direct.forward_ad import ATTENTION, Affine, Softmax, attention_forward, estimating_kernels
+from grape_hf.direct.forward_ad import (ATTENTION, Affine, BloomGelu, Softmax, attention_forward,
+                                       estimating_kernels)
 from tiny_models import tiny_gpt2, token_batch
 
 
@@ -42,6 +43,56 @@ def test_softmax_matches_torch_values_gradients_and_jvp():
     _, jvp_ours = torch.func.jvp(lambda v: Softmax.apply(v, -1), (x.detach(),), (t,))
     _, jvp_theirs = torch.func.jvp(lambda v: torch.softmax(v, -1), (x.detach(),), (t,))
     torch.testing.assert_close(jvp_ours, jvp_theirs)
+
+
+def test_bloom_gelu_matches_transformers_values_gradients_and_jvp():
+    from transformers.models.bloom.modeling_bloom import GeLUFunction, bloom_gelu_forward
+
+    x, t, g = torch.randn(3, 4, 7, dtype=torch.float64).unbind(0)
+    x.requires_grad_(True)
+    ours, theirs = BloomGelu.apply(x), GeLUFunction.apply(x)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0])
+    # The jvp against forward AD through the formula's own ops (GeLUFunction has no jvp at all).
+    _, jvp_ours = torch.func.jvp(BloomGelu.apply, (x.detach(),), (t,))
+    _, jvp_formula = torch.func.jvp(bloom_gelu_forward, (x.detach(),), (t,))
+    torch.testing.assert_close(jvp_ours, jvp_formula)
+    with pytest.raises(RuntimeError, match="jvp"):
+        torch.func.jvp(GeLUFunction.apply, (x.detach(),), (t,))
+
+
+def _grouped_mm_ops():
+    import transformers.integrations.moe  # noqa: F401 (registers transformers' fallback op)
+
+    return {"torch": torch._grouped_mm, "transformers_fallback": torch.ops.transformers.grouped_mm_fallback}
+
+
+@pytest.mark.parametrize("op", ["torch", "transformers_fallback"])
+def test_grouped_mm_gets_a_tangent_and_keeps_its_values_and_gradients(op):
+    """While estimating, a grouped matmul (MoE experts) on a dual input: the op's own values and backward,
+    and the tangent of per-group matmuls (torch has no forward-AD formula for it)."""
+    func = _grouped_mm_ops()[op]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 10, 8, generator=g).unbind(0)  # 10 tokens sorted by group; dims of 16 bytes
+    weight = torch.randn(3, 8, 12, generator=g, requires_grad=True)
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # group 1 is empty
+    x.requires_grad_(True)
+    groups = [(0, 3), (3, 3), (3, 10)]
+    reference = torch.cat([x[a:b] @ weight[i] for i, (a, b) in enumerate(groups)])
+    ref_tangent = torch.cat([t[a:b] @ weight[i].detach() for i, (a, b) in enumerate(groups)])
+    with pytest.raises(RuntimeError, match="forward AD|forward-mode|jvp"), fwAD.dual_level():  # torch has none
+        func(fwAD.make_dual(x, t), weight, offs=offs)
+
+    with fwAD.dual_level(), estimating_kernels(nn.Identity()):
+        out = func(fwAD.make_dual(x, t), weight, offs=offs)
+        primal, tangent = fwAD.unpack_dual(out)
+    torch.testing.assert_close(primal, reference)
+    torch.testing.assert_close(tangent, ref_tangent)
+    grad = torch.randn(primal.shape, generator=g)
+    ours = torch.autograd.grad(primal, (x, weight), grad)
+    theirs = torch.autograd.grad(reference, (x, weight), grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
 
 
 def test_softmax_keeps_no_tangent_graph_into_the_backward():

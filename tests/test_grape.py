@@ -188,6 +188,89 @@ def test_op_without_forward_ad_is_named(tmp_path):
         network.training_forward(lambda b: (model(**b).loss, None), batch, step=0, first_micro_batch=True)
 
 
+def tiny_bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    return BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.0,
+                                        attention_dropout=0.0))
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                            num_experts_per_tok=2, max_position_embeddings=32))
+
+
+def tiny_qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
+                                              moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                              num_experts=4, num_experts_per_tok=2, max_position_embeddings=32))
+
+
+def _use_formula_gelu(model):
+    """BLOOM with its GELU as the plain formula (ops with forward AD): the reference for our jvp."""
+    from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+
+    for block in model.transformer.h:
+        block.mlp.gelu_impl.forward = bloom_gelu_forward
+
+
+# Models whose ops have no forward AD in torch (a custom autograd Function, grouped matmuls), and how to
+# run the same model on ops that have it (transformers' eager experts loop, the GELU formula).
+NO_FORWARD_AD = {
+    "bloom": (tiny_bloom, _use_formula_gelu),
+    "mixtral": (tiny_mixtral, lambda model: model.set_experts_implementation("eager")),
+    "qwen2_moe": (tiny_qwen2_moe, lambda model: model.set_experts_implementation("eager")),
+}
+
+
+@pytest.mark.parametrize("family", list(NO_FORWARD_AD))
+def test_tangent_through_ops_without_forward_ad(family, tmp_path):
+    """The estimating forward's tangent at the tap through BLOOM's GELU and the experts' grouped
+    matmul equals the one through reference ops that have forward AD, under the same draws."""
+    make_model, to_reference = NO_FORWARD_AD[family]
+    model, batch = make_model(), token_batch()
+    reference = copy.deepcopy(model)
+    to_reference(reference)
+    tangents = []
+    for m in (model, reference):
+        network = RULES["grape"](m, grape_args(tmp_path, setting="macro"))
+        _, d, _ = estimate_once(m, network, batch)
+        tangents.append(d)
+        network.remove()
+    assert tangents[0].abs().sum() > 0
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(NO_FORWARD_AD))
+def test_grape_trains_through_ops_without_forward_ad(family, tmp_path):
+    """GrAPE trains BLOOM, Mixtral and Qwen2-MoE (their stock implementations): finite loss, every
+    parameter below the head moves, the audit passes, and the model's own forward is restored."""
+    make_model, _ = NO_FORWARD_AD[family]
+    model = make_model()
+    experts = getattr(model.config, "_experts_implementation", None)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = grape_args(tmp_path, setting="macro", max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                      use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)
+    trainer = GrapeTrainer(model=model, args=args, train_dataset=lm_dataset())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    unmoved = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
+    assert not unmoved, unmoved
+    assert all("forward" not in vars(module) for module in model.modules())  # no swapped forward left
+    assert getattr(model.config, "_experts_implementation", None) == experts
+    assert audit_locality(make_model(), token_batch(), grape_args(tmp_path, setting="macro")).ok
+
+
 def lm_dataset(rows=16):
     import datasets
 

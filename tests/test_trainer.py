@@ -239,8 +239,8 @@ def test_point_names_and_taps(tmp_path):
     assert vit.feedback.tap_name == "classifier:output"
     assert vit.feedback.point_names[0] == "embeddings"
     vit_model(**image_batch())
-    # Logits as error: each point's matrix maps the 5 classes to tokens * d (17 tokens of width 32).
-    assert all(m.shape == (17 * 32, 5) for m in vit.feedback.matrices.tensors.values())
+    # Logits as error: each point's matrix maps the 5 classes to d (32), broadcast over the 17 tokens.
+    assert all(m.shape == (32, 5) for m in vit.feedback.matrices.tensors.values())
 
 
 # 6. Every field is a CLI flag ---------------------------------------------------------------------

@@ -5,6 +5,10 @@ In the training forward itself, under `forward_ad.dual_level()`, every point k a
 tap is `d = sum_k J_k u_k`, and `T_k = mean over batch dims of outer(u_k, d)` is an unbiased
 estimate of `J_k^T`: its expectation is the mean over positions n of `(dz_n / dh_k,n)^T`, every
 cross term (other points, other positions through attention) vanishing. No backward pass is involved.
+For a point whose feedback is broadcast over its positions (`matrices.broadcasts`: a sequence
+under a classifier's error), `u_k` is first summed over the point's real positions, so `T_k`
+estimates the sum over those positions of `(dz / dh_k,n)^T`, the shape and target of its `B_k`
+(`matrices.position_weights`).
 """
 
 import contextlib
@@ -21,16 +25,20 @@ from .network import Estimate, FeedbackNetwork
 EPS = 1e-12
 
 
-def jacobian_estimate(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def jacobian_estimate(u: torch.Tensor, d: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """`T = mean over batch dims of outer(u, d)`, an estimate of `J^T`.
 
     Args:
         u: (*lead, *point_features), the point's perturbation.
         d: (*lead, error_features), the tangent at the tap.
+        positions: for a point that `broadcasts`, u being (*lead, positions, features): its
+            `real_positions` (*lead, positions); u is summed over them first.
     Returns:
-        (prod(point_features), error_features), float32.
+        (prod(point_features), error_features), or (features, error_features) with `positions`; float32.
     """
     d_flat = d.reshape(-1, d.shape[-1]).float()
+    if positions is not None:
+        u = (u.float() * positions.to(u.device).unsqueeze(-1)).sum(-2)
     u_flat = u.reshape(d_flat.shape[0], -1).float()
     return u_flat.T @ d_flat / d_flat.shape[0]
 
@@ -119,7 +127,8 @@ class JacobianEstimator:
         if estimate.tangent is None:
             raise RuntimeError(f"The forward pass never reached the error tap at {self.network.placement.tap_name}.")
         self.estimates_seen += 1
-        return {name: reduce(jacobian_estimate(u, estimate.tangent), reduction="mean")  # same on all processes
+        return {name: reduce(jacobian_estimate(u, estimate.tangent, estimate.positions.get(name)),
+                             reduction="mean")  # same on all processes
                 for name, u in estimate.perturbations.items()}
 
     def _prepare(self, device: torch.device) -> None:

@@ -13,6 +13,15 @@ Linear layers: torch's forward-AD formula of `addmm`/`linear` materialises zero 
 weight and bias and multiplies by them, two matmuls where the tangent needs one (`t W^T`): a dual
 `nn.Linear` cost 3.4x a plain one on this CPU instead of 2x. While estimating, `Affine` (an
 explicit jvp, the same backward) replaces them for inputs whose weight has no tangent.
+
+Ops with no forward-AD formula at all get one here, so GrAPE runs on the models that use them:
+- the grouped matmul of Mixture-of-Experts layers (`torch._grouped_mm`, transformers' CPU fallback op;
+  Mixtral, Qwen2-MoE): linear in its input, so its tangent is the same op on the input's tangent
+  (`grouped_mm_with_tangent`), the primal keeping the op's own backward;
+- module classes whose forward is a custom `autograd.Function` without `jvp` (BLOOM's GELU):
+  `JVP_MODULES` swaps their forward, while estimating, for a Function with the same forward and
+  backward and an explicit jvp.
+Anything else without forward AD is refused, naming the module (`estimate.estimating_forward`).
 """
 
 import contextlib
@@ -124,12 +133,83 @@ def _has_tangent(tensor) -> bool:
     return isinstance(tensor, torch.Tensor) and fwAD.unpack_dual(tensor).tangent is not None
 
 
+class BloomGelu(torch.autograd.Function):
+    """BLOOM's tanh-approximated GELU with its own forward and backward (transformers' `bloom_gelu_forward`
+    and `bloom_gelu_back`, as its `GeLUFunction`) and the jvp `gelu'(x) t`, which is that backward applied
+    to the tangent (the op is elementwise)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+
+        return bloom_gelu_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from transformers.models.bloom.modeling_bloom import bloom_gelu_back
+
+        return bloom_gelu_back(grad, ctx.saved_tensors)  # it unpacks the saved tuple itself
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor):
+        from transformers.models.bloom.modeling_bloom import bloom_gelu_back
+
+        return bloom_gelu_back(tangent, ctx.saved_tensors)
+
+
+# Module class name -> a forward with an explicit jvp, used in place of the module's own while
+# estimating (its own runs a custom autograd.Function that has none). Same values and gradients.
+JVP_MODULES = {"BloomGelu": BloomGelu.apply}
+
+
+def _is_grouped_mm(func) -> bool:
+    """Whether `func` is a grouped matmul: torch's (`torch._grouped_mm`, `F.grouped_mm`) or transformers'
+    fallback custom op for it (`torch.ops.transformers.grouped_mm_fallback`, packet or overload)."""
+    if func is torch._grouped_mm or func is getattr(F, "grouped_mm", None):
+        return True
+    packet = getattr(func, "overloadpacket", func)  # an OpOverload's packet, or the packet itself
+    return getattr(packet, "_qualified_op_name", None) == "transformers::grouped_mm_fallback"
+
+
+def grouped_mm_with_tangent(func, args, kwargs):
+    """`func(mat_a, mat_b, offs, ...)`, a grouped matmul, when only `mat_a` carries a tangent `t`: the
+    primal runs the op itself (its own backward, unchanged), and the tangent is `func(t, mat_b, offs)`,
+    the op being linear in `mat_a` (a bias adds no tangent). The tangent is computed without autograd
+    history, which nothing uses (see `network._cut_tensor`).
+
+    Args:
+        args, kwargs: the op's: mat_a (tokens, in) sorted by group, mat_b (groups, in, out), offs (groups,).
+    Returns:
+        (tokens, out), dual.
+    """
+    mat_a, *rest = args
+    primal, tangent = fwAD.unpack_dual(mat_a)
+    out = func(primal, *rest, **kwargs)
+    rest = [fwAD.unpack_dual(a).primal if isinstance(a, torch.Tensor) else a for a in rest]
+    if len(rest) > 2:  # positional bias of torch._grouped_mm(mat_a, mat_b, offs, bias, out_dtype)
+        rest[2] = None
+    tangent_kwargs = {**kwargs, "bias": None} if "bias" in kwargs else kwargs
+    with torch.no_grad():
+        out_tangent = func(tangent, *rest, **tangent_kwargs)
+    return fwAD.make_dual(out, out_tangent)
+
+
 class _EstimatingOps(TorchFunctionMode):
     """Route `F.linear` and `torch.addmm` (GPT-2's Conv1D) whose only tangent is the input's to `Affine`
-    (not under autocast, which casts inside the native ops)."""
+    (not under autocast, which casts inside the native ops), and grouped matmuls whose only tangent is
+    the input's to `grouped_mm_with_tangent` (they do not autocast: transformers casts for them)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _is_grouped_mm(func) and args and _has_tangent(args[0]):
+            others = (*args[1:], *kwargs.values())
+            if not any(_has_tangent(a) for a in others):
+                return grouped_mm_with_tangent(func, args, kwargs)
         if func not in (F.linear, torch.addmm) or torch.is_autocast_enabled(args[0].device.type):
             return func(*args, **kwargs)  # autocast casts inside the native ops only: keep them (bf16, fp16)
         if func is F.linear and not kwargs:
@@ -145,16 +225,24 @@ class _EstimatingOps(TorchFunctionMode):
 
 @contextlib.contextmanager
 def estimating_kernels(model):
-    """Inside: `model`'s attention on `attention_forward` (its own implementation restored after), and
-    linear layers on `Affine`."""
+    """Inside: `model`'s attention on `attention_forward` (its own implementation restored after), linear
+    layers on `Affine`, grouped matmuls with their tangent, and the modules of `JVP_MODULES` on their
+    forward with a jvp (their own restored after)."""
     config = getattr(model, "config", None)
     chosen = getattr(config, "_attn_implementation", None)
     switch = chosen is not None and hasattr(model, "_can_set_attn_implementation") and model._can_set_attn_implementation()
+    # Not a module whose forward was already replaced on the instance (by its user): that one is theirs.
+    swapped = [module for module in model.modules()
+               if type(module).__name__ in JVP_MODULES and "forward" not in vars(module)]
     if switch:
         model.set_attn_implementation(ATTENTION)
+    for module in swapped:
+        module.forward = JVP_MODULES[type(module).__name__]  # an instance attribute: the class's stays
     try:
         with sdpa_kernel(SDPBackend.MATH), _EstimatingOps():  # MATH: models that call SDPA directly
             yield
     finally:
+        for module in swapped:
+            del module.forward
         if switch:
             model.set_attn_implementation(chosen)

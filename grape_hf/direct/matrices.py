@@ -4,6 +4,14 @@
 features, the leading (batch, sequence) dimensions being shared (ARCHITECTURE.md). So the
 feedback of point k is `e @ B_k.T`, an estimate of the true `J_k^T e` with `J_k = dz/dh_k`.
 The matrices live here, never in the model, so a trained model stays a plain checkpoint.
+
+Which features, given the point (*lead, ...) and the error (*lead, error_features):
+- (*lead, features), the error's own positions (an LM's tokens): `features`;
+- (*lead, positions, features) under an error with no position dimension (a sequence classifier's
+  or ViT's logits): `features` alone, the same `B_k e` *broadcast over the positions*, so any
+  sequence length works (dynamic padding), weighted per position by `position_weights`;
+- more dimensions (a convolution's (channels, height, width), fixed by the architecture): all of
+  them flattened, one row of `B_k` per unit.
 """
 
 import hashlib
@@ -40,6 +48,55 @@ def init_feedback_matrix(shape: tuple[int, int], init: str, generator: torch.Gen
                              "it has the points' width (error_point='residual').")
         return torch.eye(shape[0])
     raise ValueError(f"Unknown feedback_init {init!r}; choose 'normal', 'uniform', 'kaiming_uniform' or 'identity'.")
+
+
+def broadcasts(point_shape: torch.Size, error_shape: torch.Size) -> bool:
+    """Whether a point (*lead, positions, features) gets `B_k e` broadcast over its positions: the error
+    (*lead, error_features) has no position dimension to share with it."""
+    return len(point_shape) == len(error_shape) + 1
+
+
+def point_features(point_shape: torch.Size, error_shape: torch.Size) -> int:
+    """The rows of the point's `B_k`: its last dimension when `broadcasts`, else the product of its
+    dimensions after the error's leading ones."""
+    if broadcasts(point_shape, error_shape):
+        return point_shape[-1]
+    return math.prod(point_shape[len(error_shape) - 1:])
+
+
+def real_positions(point_shape: torch.Size, error_shape: torch.Size, attention_mask: torch.Tensor | None,
+                   device: torch.device | None = None) -> torch.Tensor | None:
+    """For a point that `broadcasts`: which of its positions take feedback, (*lead, positions) float32
+    of 0 and 1; None for any other point.
+
+    The model call's `attention_mask` (*lead, positions), 1 on tokens and 0 on padding, when it
+    has the point's positions; else every position is real (no mask, or a point whose positions are
+    not the tokens: patches, merged windows). Padding gets no feedback, as under BP, where a pad
+    position's hidden state has zero gradient: no token attends to it and the head pools a token.
+    The result is on `device`.
+    """
+    if not broadcasts(point_shape, error_shape):
+        return None
+    positions = point_shape[:-1]
+    if attention_mask is not None and tuple(attention_mask.shape) == tuple(positions):
+        return (attention_mask != 0).to(device=device, dtype=torch.float32)
+    return torch.ones(positions, device=device)
+
+
+def position_weights(positions: torch.Tensor) -> torch.Tensor:
+    """Each position's share of the broadcast feedback: 1/m at the m real `positions` of an example
+    (*lead, positions), 0 at padding.
+
+    Why 1/m: `B_k e` at every position with weight w makes each weight's gradient a w-weighted sum
+    over the positions. BP's gradient of a classifier's hidden states, whose head reads one token
+    (or the mean of them), sums to O(1) over the positions whatever the length: its
+    position-constant part is the mean over positions of `J_n^T e`, which falls as 1/m. So 1/m keeps
+    the feedback, and the parameters' gradients, at BP's scale for every length, and an example gets
+    the same feedback however much it is padded. GrAPE's target is then the sum over the real
+    positions of `J_n^T` (`estimate.jacobian_estimate`), the `B_k` for which `w B_k e` is the
+    least-squares fit of the true gradient over the positions.
+    """
+    return positions / positions.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def nonfinite_problem(tensor: torch.Tensor) -> str | None:
@@ -86,17 +143,28 @@ class FeedbackMatrices:
         self.tensors: dict[str, torch.Tensor] = {}
         self.loaded_from: str | None = None  # the checkpoint file the matrices came from, for error messages
 
-    def get(self, name: str, point_features: int, error_features: int, device: torch.device) -> torch.Tensor:
+    def get(self, name: str, point_features: int, error_features: int, device: torch.device,
+            flattened_features: int | None = None) -> torch.Tensor:
         """The matrix of point `name`, (point_features, error_features), created on first use.
 
-        Raises when a point's shape changes between steps (e.g. a sequence-length-dependent point
-        under a per-sequence error), which would silently need a different matrix.
+        Raises when a point's shape changes between steps, which would silently need a different
+        matrix, and names the old layout when a checkpoint holds a (flattened_features,
+        error_features) matrix for a point that now broadcasts (`flattened_features`: positions x
+        features of that point, given for such points).
         """
         matrix = self.tensors.get(name)
         if matrix is None:
             generator = torch.Generator().manual_seed(point_seed(self.seed, name))
             matrix = init_feedback_matrix((point_features, error_features), self.init, generator)
             self.tensors[name] = matrix = matrix.to(device)
+        elif matrix.shape == (flattened_features, error_features) and flattened_features != point_features:
+            raise ValueError(
+                f"Feedback point {name!r} needs a {point_features}x{error_features} matrix, broadcast over its "
+                f"positions, but {self.loaded_from or 'the feedback state'} holds a {tuple(matrix.shape)} one: one row "
+                "per position and feature, as earlier grape_hf versions wrote for a sequence point under a "
+                "per-example error (a classifier's logits). Its per-position rows have no broadcast equivalent, so it "
+                "cannot be converted: start a fresh run, or finish that run with the grape_hf version that wrote it."
+            )
         elif matrix.shape != (point_features, error_features) and self.loaded_from is not None:
             raise ValueError(
                 f"Feedback point {name!r} needs a {point_features}x{error_features} matrix but {self.loaded_from} "
@@ -106,26 +174,34 @@ class FeedbackMatrices:
         elif matrix.shape != (point_features, error_features):
             raise ValueError(
                 f"Feedback point {name!r} needs a {point_features}x{error_features} matrix but has "
-                f"{tuple(matrix.shape)}: its features or the error's changed between steps. Pad inputs to a fixed "
-                "shape, or read the error where it shares the point's leading dimensions (error_point='head_input')."
+                f"{tuple(matrix.shape)}: its features or the error's changed between steps (only a point's "
+                "positions, under an error without them, may vary). Give the model inputs of a fixed size."
             )
         elif matrix.device != device:
             self.tensors[name] = matrix = matrix.to(device)
         return matrix
 
-    def project(self, name: str, error: torch.Tensor, point_shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    def project(self, name: str, error: torch.Tensor, point_shape: torch.Size, dtype: torch.dtype,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Feedback `B e` for point `name`.
 
         Args:
             error: (*lead, error_features), the error at the tap.
             point_shape: (*lead, *point_feature_dims), the shape of the point's tensor.
             dtype: the point's dtype (the feedback is computed in float32 and cast to it).
+            positions: for a point that `broadcasts`, its `real_positions` (*lead, positions): `B e` goes
+                to every position, times `position_weights`.
         Returns:
             (*point_shape) tensor.
         """
         matrix = self.tensors[name]
         flat = error.reshape(-1, error.shape[-1]).to(matrix.dtype)
-        return (flat @ matrix.T).to(dtype).reshape(point_shape)
+        feedback = flat @ matrix.T
+        if positions is None:
+            return feedback.to(dtype).reshape(point_shape)
+        weights = position_weights(positions.to(feedback.device))
+        feedback = feedback.reshape(*error.shape[:-1], 1, matrix.shape[0]) * weights.unsqueeze(-1)
+        return feedback.to(dtype).reshape(point_shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The matrices by point name, each (point_features, error_features); points not yet run have none."""

@@ -8,7 +8,9 @@
   the logits) and every point's tensor. Its forward returns `z`; its backward receives `e = dL/dz`
   (already loss-scaled and divided for gradient accumulation) and returns `e` for `z` and `B_k e`
   for point k. So the Trainer's own `accelerator.backward(loss)` reaches every parameter, and each
-  segment gets exactly the local backward of its feedback.
+  segment gets exactly the local backward of its feedback. A point (batch, positions, d) under an
+  error (batch, classes) gets one `B_k e` broadcast over the positions that the model call's
+  `attention_mask` marks as tokens (`matrices.real_positions`), so batches may differ in length.
 
 All hooks return at once when gradients are off (evaluation, generation). The network holds no
 rule state; its modes are context managers that its rule enters:
@@ -28,7 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from .matrices import FeedbackMatrices
+from .matrices import FeedbackMatrices, broadcasts, point_features, real_positions
 from .placement import EMBEDDINGS, Placement
 
 TAP = "error tap"  # source name of the tap's own error in audits
@@ -47,6 +49,7 @@ class Observation:
     points: dict[str, torch.Tensor] = field(default_factory=dict)
     z: torch.Tensor | None = None
     signal: object = _identity
+    positions: dict[str, torch.Tensor | None] = field(default_factory=dict)  # `real_positions` by point
 
     def feedback(self, error: torch.Tensor) -> dict[str, torch.Tensor]:
         """`B_k s(e)` for every recorded point, float32, each of its point's shape; `error` (*lead, features)."""
@@ -54,19 +57,22 @@ class Observation:
         out = {}
         for name, point in self.points.items():
             self.network.matrix_for(name, point, self.z)
-            out[name] = self.network.matrices.project(name, signal, point.shape, torch.float32)
+            out[name] = self.network.matrices.project(name, signal, point.shape, torch.float32,
+                                                      self.positions.get(name))
         return out
 
 
 @dataclass
 class Estimate:
     """An estimating forward: `draw(name, h)` gives point `name`'s perturbation for its tensor `h`;
-    afterwards `perturbations` (name -> u_k, the point's shape) and `tangent` (d = sum_k J_k u_k,
-    the tap's shape; None if the forward never reached the tap)."""
+    afterwards `perturbations` (name -> u_k, the point's shape), `tangent` (d = sum_k J_k u_k,
+    the tap's shape; None if the forward never reached the tap) and `positions` (name -> the
+    point's `real_positions`, None unless it broadcasts)."""
 
     draw: object
     perturbations: dict[str, torch.Tensor] = field(default_factory=dict)
     tangent: torch.Tensor | None = None
+    positions: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
 
 _BYPASS = "bypass"
@@ -74,14 +80,16 @@ _BYPASS = "bypass"
 
 class ErrorTap(torch.autograd.Function):
     """Forward: `z` unchanged. Backward: `e` for `z`, `B_k s(e)` for each point tensor (`s`: the
-    rule's signal, the error itself but for DRTP)."""
+    rule's signal, the error itself but for DRTP), broadcast over the `positions[k]` of a point that
+    has them (`matrices.real_positions`)."""
 
     @staticmethod
-    def forward(ctx, network: "FeedbackNetwork", names: tuple[str, ...], signal, z: torch.Tensor,
-                *points: torch.Tensor):
+    def forward(ctx, network: "FeedbackNetwork", names: tuple[str, ...], signal, positions: tuple,
+                z: torch.Tensor, *points: torch.Tensor):
         ctx.network = network
         ctx.names = names
         ctx.signal = signal
+        ctx.positions = positions
         ctx.point_meta = [(p.shape, p.dtype) for p in points]
         return z.view_as(z)
 
@@ -91,10 +99,10 @@ class ErrorTap(torch.autograd.Function):
         only = network.isolated  # None in training; one source name during the locality audit
         signal = ctx.signal(error)
         feedback = []
-        for i, (name, (shape, dtype)) in enumerate(zip(ctx.names, ctx.point_meta)):
-            wanted = ctx.needs_input_grad[4 + i] and only in (None, name)
-            feedback.append(network.matrices.project(name, signal, shape, dtype) if wanted else None)
-        return (None, None, None, error if only in (None, TAP) else None, *feedback)
+        for i, (name, (shape, dtype), positions) in enumerate(zip(ctx.names, ctx.point_meta, ctx.positions)):
+            wanted = ctx.needs_input_grad[5 + i] and only in (None, name)
+            feedback.append(network.matrices.project(name, signal, shape, dtype, positions) if wanted else None)
+        return (None, None, None, None, error if only in (None, TAP) else None, *feedback)
 
 
 def _output_tensor(output, name: str) -> torch.Tensor:
@@ -159,7 +167,8 @@ class FeedbackNetwork:
         self.taps = 0  # training forwards that reached the tap, so a rule can tell one that did not
         self._mode: Observation | Estimate | str | None = None
         self._recorded: dict[str, torch.Tensor] = {}
-        hook(model.register_forward_pre_hook(self._start_forward))
+        self._attention_mask: torch.Tensor | None = None  # of this forward's model call: `real_positions`
+        hook(model.register_forward_pre_hook(self._start_forward, with_kwargs=True))
         for name in placement.cuts:
             hook(model.get_submodule(name).register_forward_pre_hook(
                 self._make_cut(record_embeddings=name == placement.embedding_block), with_kwargs=True))
@@ -216,8 +225,12 @@ class FeedbackNetwork:
     def _active(self) -> bool:
         return torch.is_grad_enabled() and self._mode != _BYPASS
 
-    def _start_forward(self, module, args):
+    def _start_forward(self, module, args, kwargs):
         self._recorded.clear()  # a forward that stopped early must not leak tensors into the next
+        # Passed by name, as the Trainer and collators do; a mask passed by position is not seen, and then
+        # padding takes feedback like a token.
+        mask = kwargs.get("attention_mask")
+        self._attention_mask = mask if isinstance(mask, torch.Tensor) else None
 
     def _record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Keep `tensor` for the tap; give the network a copy with no gradient path (plus `u_k` on
@@ -265,6 +278,7 @@ class FeedbackNetwork:
         self.taps += 1
         if isinstance(mode, Observation):
             mode.points.update(self._recorded)
+            mode.positions.update({name: self.positions(point.shape, z) for name, point in self._recorded.items()})
             mode.z, mode.signal = z, signal
             self._recorded.clear()
             return z
@@ -272,6 +286,7 @@ class FeedbackNetwork:
         if isinstance(mode, Estimate):
             # Detached: the tangent's own autograd history (its ops involve the parameters) is not needed.
             mode.tangent = torch.zeros_like(z) if tangent is None else tangent.detach()
+            mode.positions = {name: self.positions(u.shape, z) for name, u in mode.perturbations.items()}
         if not self._recorded:
             return z
         names = tuple(self._recorded)
@@ -279,11 +294,18 @@ class FeedbackNetwork:
         self._recorded.clear()
         for name, point in zip(names, points):
             self.matrix_for(name, point, z)
-        return ErrorTap.apply(self, names, signal, z, *points)
+        positions = tuple(self.positions(point.shape, z) for point in points)
+        return ErrorTap.apply(self, names, signal, positions, z, *points)
+
+    def positions(self, point_shape: torch.Size, z: torch.Tensor) -> torch.Tensor | None:
+        """`matrices.real_positions` of a point of `point_shape` under the error `z`, with this forward's
+        attention mask, on z's device."""
+        return real_positions(point_shape, z.shape, self._attention_mask, z.device)
 
     def matrix_for(self, name: str, point: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """B_k for `point` (*lead, *features) and the error `z` (*lead, error_features), created on
-        first use; raises when the point does not share the error's leading dimensions."""
+        first use (`matrices.point_features` rows); raises when the point does not share the error's
+        leading dimensions."""
         lead = z.shape[:-1]
         if point.shape[: len(lead)] != lead:
             raise ValueError(
@@ -291,7 +313,8 @@ class FeedbackNetwork:
                 f"{self.placement.tap_name} has shape {tuple(z.shape)}: a point must share the error's leading "
                 f"dimensions {tuple(lead)}. Read the error elsewhere (error_point) or choose other points."
             )
-        return self.matrices.get(name, math.prod(point.shape[len(lead):]), z.shape[-1], z.device)
+        flattened = math.prod(point.shape[len(lead):]) if broadcasts(point.shape, z.shape) else None
+        return self.matrices.get(name, point_features(point.shape, z.shape), z.shape[-1], z.device, flattened)
 
     def _tap_input(self, module, args):
         if not self._active():
