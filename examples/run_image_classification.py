@@ -6,7 +6,7 @@
     python examples/run_image_classification.py args.json          # the same flags as one JSON object
 
 Every `TrainingArguments` flag works, plus `GrapeTrainingArguments`' (`--rule`, `--setting`, ...),
-plus `--lr_decay_per_epoch` and `ModelArguments` and `DataArguments` below.
+plus `--lr_decay_per_epoch` (and `--lr_decay_epochs`) and `ModelArguments` and `DataArguments` below.
 
 Models (`--model`): mlp (3 hidden layers of 1024), cnn (LeNet-4), alexnet, vgg16, vgg16_bn, resnet20,
 resnet56, vit (see `grape_hf.models`); `--config_overrides '{"hidden_size": 256}'` changes their config.
@@ -111,20 +111,39 @@ class ImageTrainingArguments(GrapeTrainingArguments):
                           "`lr_scheduler_type` and warmup. None: the Trainer's `lr_scheduler_type`."},
     )
 
+    lr_decay_epochs: list[int] | None = field(
+        default=None,
+        metadata={"help": "Multiply the learning rate by `lr_decay_per_epoch` only after these epochs, e.g. PEPITA's "
+                          "(Srinivasan et al. 2023): --lr_decay_per_epoch 0.1 --lr_decay_epochs 60 90. None: after "
+                          "every epoch."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.lr_decay_per_epoch is not None and not 0 < self.lr_decay_per_epoch <= 1:
             raise ValueError(f"lr_decay_per_epoch={self.lr_decay_per_epoch} must be in (0, 1] (the paper uses 0.95).")
+        if self.lr_decay_epochs is not None:
+            if self.lr_decay_per_epoch is None:
+                raise ValueError("lr_decay_epochs needs lr_decay_per_epoch, the factor applied after those epochs "
+                                 "(e.g. --lr_decay_per_epoch 0.1 --lr_decay_epochs 60 90).")
+            if not self.lr_decay_epochs or any(epoch < 1 for epoch in self.lr_decay_epochs):
+                raise ValueError(f"lr_decay_epochs={self.lr_decay_epochs} must be epoch numbers >= 1 (the decay "
+                                 "happens after that many epochs).")
 
 
 class ImageClassificationTrainer(GrapeTrainer):
-    """`GrapeTrainer` with the paper's schedule: the learning rate decays by `lr_decay_per_epoch` per epoch."""
+    """`GrapeTrainer` with the paper's schedule: the learning rate decays by `lr_decay_per_epoch` per epoch (or
+    only after the epochs `lr_decay_epochs`)."""
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None and self.args.lr_decay_per_epoch is not None:
-            # StepLR steps once per optimizer step; its state is saved and restored with checkpoints.
-            self.lr_scheduler = torch.optim.lr_scheduler.StepLR(
-                optimizer or self.optimizer, step_size=self.update_steps_per_epoch(), gamma=self.args.lr_decay_per_epoch)
+            # Both step once per optimizer step; their state is saved and restored with checkpoints.
+            steps, gamma = self.update_steps_per_epoch(), self.args.lr_decay_per_epoch
+            if self.args.lr_decay_epochs is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer or self.optimizer, steps, gamma)
+            else:
+                milestones = sorted(epoch * steps for epoch in self.args.lr_decay_epochs)
+                self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer or self.optimizer, milestones, gamma)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def update_steps_per_epoch(self) -> int:
@@ -245,6 +264,7 @@ def main(argv: list[str] | None = None):
             "epochs": training_args.num_train_epochs,
             "learning_rate": training_args.learning_rate,
             "lr_decay_per_epoch": training_args.lr_decay_per_epoch,
+            "lr_decay_epochs": training_args.lr_decay_epochs,
             "seed": training_args.seed,
             "train_runtime": train_result.metrics["train_runtime"],
             **results,

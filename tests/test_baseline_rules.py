@@ -5,7 +5,9 @@ Their formulas are checked against hand-written references in test_rule_referenc
 passes share dropout masks, DRTP passes the locality audit, checkpoints resume, and misuse fails clearly.
 """
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -303,3 +305,47 @@ def test_trainer_runs_and_resumes_each_baseline(tmp_path, rule, options):
     assert set(resumed.feedback.matrices.tensors) == set(trainer.feedback.matrices.tensors)
     for name, matrix in trainer.feedback.matrices.tensors.items():
         torch.testing.assert_close(resumed.feedback.matrices.tensors[name], matrix)
+
+
+# Table 1 in each baseline's own setting ---------------------------------------------------------------
+def load_script(*path: str):
+    """A benchmark or example script of the repository, imported as a module."""
+    file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(path[-1])[0], file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table1_own_settings_are_the_example_flags_they_claim(tmp_path):
+    """Every cell run in its own paper's setting parses with the example's own flags into that setting, and
+    PEPITA's milestone decay (x0.1 after epochs 60 and 90) is the optimizer's real schedule."""
+    table1, example = load_script("benchmarks", "reproduce_table1.py"), load_script("examples",
+                                                                                   "run_image_classification.py")
+    parsed = {}
+    for (row, rule), (_, flags) in table1.OWN_SETTINGS.items():
+        model_args, _, args = example.parse_args(["--output_dir", str(tmp_path), "--rule", rule, *flags])
+        parsed[row, rule] = (model_args.overrides, args)
+    overrides, pepita = parsed["mnist_mlp", "pepita"]
+    assert overrides == {"num_hidden_layers": 1} and pepita.optim == "sgd" and pepita.optim_args == "momentum=0.9"
+    assert (pepita.learning_rate, pepita.weight_decay, pepita.per_device_train_batch_size) == (0.01, 1e-4, 64)
+    assert (pepita.lr_decay_per_epoch, pepita.lr_decay_epochs, pepita.pepita_f_scale) == (0.1, [60, 90], 0.05)
+    overrides, drtp = parsed["mnist_mlp", "drtp"]
+    assert overrides == {"hidden_act": "tanh"} and drtp.optim_args == "momentum=0.9,nesterov=True"
+    assert (drtp.per_device_train_batch_size, drtp.lr_decay_per_epoch, drtp.lr_decay_epochs) == (100, 1, None)
+
+    # 16 examples in batches of 4: 4 steps per epoch, so the decays fall after steps 4 and 8.
+    args = example.parse_args(["--output_dir", str(tmp_path), "--rule", "pepita", "--use_cpu", "--optim", "sgd",
+                               "--learning_rate", "0.01", "--per_device_train_batch_size", "4", "--lr_decay_per_epoch",
+                               "0.1", "--lr_decay_epochs", "1", "2", "--report_to", "none", "--eval_strategy",
+                               "no", "--save_strategy", "no"])[2]
+    trainer = example.ImageClassificationTrainer(model=mlp(), args=args, train_dataset=image_examples(16))
+    trainer.create_optimizer_and_scheduler(num_training_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates == pytest.approx([0.01] * 4 + [0.001] * 4 + [0.0001] * 4)
+    with pytest.raises(ValueError, match="lr_decay_epochs=\\[0\\] must be epoch numbers >= 1"):
+        example.parse_args(["--output_dir", str(tmp_path), "--lr_decay_epochs", "0"])
