@@ -76,9 +76,9 @@ def varied_dataset(n: int = 16, seed: int = 0) -> datasets.Dataset:
 
 FAMILIES = {"bert": tiny_bert, "gpt2": tiny_gpt2_classifier, "modernbert": tiny_modernbert}
 # GPT2ForSequenceClassification scores every position and pools the last token after its head, so its
-# error (batch, positions, classes) shares the points' positions: no broadcast there. DRTP's one-hot
-# target needs logits (batch, classes), so it has no GPT-2 classifier here.
-CASES = [(f, r, None) for f in FAMILIES for r in ("dfa", "grape", "drtp") if (f, r) != ("gpt2", "drtp")]
+# error (batch, positions, classes) shares the points' positions: no broadcast there; DRTP puts its target
+# at the pooled position (where the error is not zero).
+CASES = [(f, r, None) for f in FAMILIES for r in ("dfa", "grape", "drtp")]
 CASES += [("bert", "dfa", "head_input"), ("bert", "grape", "head_input")]  # the pooled (batch, d) as the error
 
 
@@ -201,3 +201,16 @@ def test_broadcast_estimate_is_unbiased(tmp_path):
         cos = torch.nn.functional.cosine_similarity(sums[name].flatten(), truth.flatten(), dim=0)
         assert sums[name].shape == (32, LABELS)
         assert cos > 0.95, (name, float(cos))
+
+
+def test_drtp_target_sits_at_the_pooled_position(tmp_path):
+    """GPT-2's classifier reads its logits at each row's last real token: DRTP's target goes there only."""
+    from grape_hf.rules.drtp import Target
+
+    error = torch.zeros(2, 5, LABELS)
+    error[0, 2], error[1, 4] = 0.3, -0.1  # the pooled positions of rows of 3 and 5 real tokens
+    signal = Target(torch.tensor([1, 0]))(error)
+    expected = torch.zeros(2, 5, LABELS)
+    expected[0, 2, 1], expected[1, 4, 0] = 0.5, 0.5  # one-hot / N
+    torch.testing.assert_close(signal, expected)
+

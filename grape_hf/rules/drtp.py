@@ -28,18 +28,25 @@ class Target:
         self.loss_grad: torch.Tensor | None = None
 
     def __call__(self, error: torch.Tensor) -> torch.Tensor:
-        """`c y* / N`: the one-hot target (N, classes) in place of the error (N, classes)."""
+        """`c y* / N`: the one-hot target (N, classes) in place of the error (N, classes). For logits per
+        position (N, S, classes) of which the model pools one per example (GPT-2's sequence classifier reads
+        the last real token), the target sits where the loss reads them: the positions whose error is not
+        zero, shared equally among them."""
         labels = self.labels
         if labels is None:
             raise ValueError("DRTP projects the one-hot target, but the model was called without labels=...: pass the "
                              "class labels in the batch ('labels' column).")
-        if labels.dim() != 1 or labels.is_floating_point() or error.dim() != 2 or len(labels) != len(error):
+        if labels.dim() != 1 or labels.is_floating_point() or error.dim() not in (2, 3) or len(labels) != len(error):
             raise ValueError(
-                f"DRTP needs one class index per example: labels of shape (N,) for logits (N, classes), as in image "
-                f"classification; got labels {tuple(labels.shape)} ({labels.dtype}) for logits {tuple(error.shape)}."
+                f"DRTP needs one class index per example: labels of shape (N,) for logits (N, classes) or (N, "
+                f"positions, classes), as in image or sequence classification; got labels {tuple(labels.shape)} "
+                f"({labels.dtype}) for logits {tuple(error.shape)}."
             )
         scale = 1.0 if self.loss_grad is None else self.loss_grad.to(error.dtype)
         target = torch.nn.functional.one_hot(labels.to(error.device), error.shape[-1]).to(error.dtype)
+        if error.dim() == 3:
+            read = error.ne(0).any(-1).to(error.dtype)  # (N, S): the positions the pooled loss depends on
+            target = target[:, None, :] * (read / read.sum(1, keepdim=True).clamp(min=1))[..., None]
         return target * scale / len(labels)
 
 
