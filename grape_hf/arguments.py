@@ -144,10 +144,10 @@ class GrapeTrainingArguments(TrainingArguments):
         "attention and MLP branch outputs).", choices=list(SETTINGS))
     error_point: str | None = rule_field(
         None, DIRECT_RULES,
-        "Where the error is read: 'head_input' (the input of the output head; default for causal LMs, as in Launay "
-        "et al. 2020), 'logits' (default for classifiers) or 'residual' (the input of a pre-LN causal LM's final "
-        "norm, the residual stream itself: the final norm then trains with the head by true BP; GPT-2, Llama, "
-        "Mistral, Qwen2/3, or name the norm with head_module).")
+        "Where the error is read: 'residual' (default for causal LMs: the input of the final norm, the residual "
+        "stream itself, where DFA and GrAPE learn LMs best; the final norm then trains with the head by true BP; "
+        "found after the blocks, or name it with head_module), 'head_input' (the input of the output head, as in "
+        "Launay et al. 2020) or 'logits' (default for classifiers).")
     head_module: str | None = rule_field(
         None, (*DIRECT_RULES, "pepita"),
         "Name of the output head, around which the error tap sits (default: the model's output embeddings, or its "

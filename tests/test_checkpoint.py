@@ -60,7 +60,7 @@ def test_checkpoint_holds_feedback_beside_trainer_files(uninterrupted):
         keys = set(file.keys())
     assert metadata["rule"] == rule and metadata["setting"] == "micro"
     assert json.loads(metadata["points"]) == list(trainer.feedback.point_names)
-    assert metadata["tap"] == "lm_head:input"
+    assert metadata["tap"] == "transformer.ln_f:input"  # error_point="residual", the causal-LM default
     assert {f"matrices.{name}" for name in trainer.feedback.point_names} <= keys
     # Both rules carry an aligner here (GrAPE's, DFA's probe), so the perturbation generator is saved.
     assert {"aligner.generator", "aligner.estimates_seen"} <= keys

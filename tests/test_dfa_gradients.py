@@ -44,12 +44,16 @@ BERT_SEGMENTS = {
     "macro": lambda n: {"embeddings": ("bert.encoder.layer.0", ["bert.embeddings."])}
     | {f"bert.encoder.layer.{i}": (f"bert.encoder.layer.{i}", [f"bert.encoder.layer.{i}."]) for i in range(n)},
 }
-# family -> (model, batch, segments, tap module, tap side, parameters between the last point and the tap)
+# family -> (model, batch, segments, tap module, tap side, parameters between the last point and the tap,
+# GrapeTrainingArguments fields)
 FAMILIES = {
-    "gpt2": (tiny_gpt2, token_batch, GPT2_SEGMENTS, "lm_head", "input", ["transformer.ln_f."]),
-    "vit": (tiny_vit, image_batch, VIT_SEGMENTS, "classifier", "output", ["vit.layernorm.", "classifier."]),
+    # The causal-LM default, error_point="residual": the tap is the final norm's input.
+    "gpt2": (tiny_gpt2, token_batch, GPT2_SEGMENTS, "transformer.ln_f", "input", [], {}),
+    "gpt2_head_input": (tiny_gpt2, token_batch, GPT2_SEGMENTS, "lm_head", "input", ["transformer.ln_f."],
+                        {"error_point": "head_input"}),
+    "vit": (tiny_vit, image_batch, VIT_SEGMENTS, "classifier", "output", ["vit.layernorm.", "classifier."], {}),
     # A classifier on a dynamically padded batch: its blocks' positions vary, the error has none.
-    "bert": (tiny_bert, padded_batch, BERT_SEGMENTS, "classifier", "output", ["bert.pooler.", "classifier."]),
+    "bert": (tiny_bert, padded_batch, BERT_SEGMENTS, "classifier", "output", ["bert.pooler.", "classifier."], {}),
 }
 
 
@@ -106,7 +110,8 @@ def expected_dfa_gradients(model, batch, segments, tap_module, tap_side, tap_seg
             if g is not None:
                 expected[n] += g
 
-    add_local(taps["z"], tap_segment, error)
+    if tap_segment:  # none when the tap is the last point's own output stream (error_point="residual")
+        add_local(taps["z"], tap_segment, error)
     lead = error.dim() - 1
     mask = batch.get("attention_mask")
     for point, (_, prefixes) in segments.items():
@@ -124,14 +129,15 @@ def expected_dfa_gradients(model, batch, segments, tap_module, tap_side, tap_seg
     return expected
 
 
-@pytest.mark.parametrize("family, setting", [("gpt2", "macro"), ("gpt2", "micro"), ("vit", "macro"), ("vit", "micro"),
+@pytest.mark.parametrize("family, setting", [("gpt2", "macro"), ("gpt2", "micro"), ("gpt2_head_input", "macro"),
+                                             ("gpt2_head_input", "micro"), ("vit", "macro"), ("vit", "micro"),
                                              ("bert", "macro")])
 def test_dfa_gradients_equal_the_rule(family, setting, tmp_path):
-    make_model, make_batch, segments, tap_module, tap_side, tap_segment = FAMILIES[family]
+    make_model, make_batch, segments, tap_module, tap_side, tap_segment, fields = FAMILIES[family]
     model = make_model()
     reference = copy.deepcopy(model)
     batch = make_batch()
-    args = GrapeTrainingArguments(output_dir=str(tmp_path), rule="dfa", setting=setting, report_to="none")
+    args = GrapeTrainingArguments(output_dir=str(tmp_path), rule="dfa", setting=setting, report_to="none", **fields)
     network = RULES["dfa"](model, args)
     points = segments[setting](2)
     assert sorted(network.point_names) == sorted(points)

@@ -41,7 +41,8 @@ def test_a_forward_that_never_reaches_the_tap_raises(tmp_path):
         return CausalLMOutput(loss=loss, logits=logits)
 
     model.forward = fused_forward
-    trainer = GrapeTrainer(model=model, args=quick_args(tmp_path, rule="dfa"), train_dataset=token_dataset())
+    trainer = GrapeTrainer(model=model, args=quick_args(tmp_path, rule="dfa", error_point="head_input"),
+                           train_dataset=token_dataset())
     with pytest.raises(RuntimeError, match=r"did not reach the error tap at lm_head:input after its feedback points "
                                            r"\(points left without feedback: \['embeddings', 'transformer.h.0', "
                                            r"'transformer.h.1'\]\)"):
@@ -58,7 +59,7 @@ def test_a_head_before_the_points_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("placement, unreached", [
-    (dict(feedback_modules=["transformer.ln_f"]), "transformer.h.0.attn.c_attn.weight"),
+    (dict(feedback_modules=["transformer.ln_f"], error_point="head_input"), "transformer.h.0.attn.c_attn.weight"),
     (dict(feedback_modules=["transformer.h.*.attn"]), "transformer.h.0.mlp.c_fc.weight"),
     (dict(setting="micro", feedback_embeddings=False), "transformer.wpe.weight"),
 ])

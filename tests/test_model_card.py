@@ -67,7 +67,7 @@ def test_card_states_rule_feedback_data_metrics_alignment_citation_and_reproduct
     for name, value in [("grape_lr", 0.01), ("grape_alignment", "frobenius"), ("alignment_probe_steps", 2),
                         ("feedback_seed", 0), ("feedback_init", "normal")]:
         assert f"| {name} | `{value}` |" in text
-    assert "input of `lm_head`" in text
+    assert "input of `transformer.ln_f`" in text  # error_point="residual", the causal-LM default
 
     # The data set really used, the final eval metrics and the training table, as logged.
     assert DATA in text

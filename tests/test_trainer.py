@@ -229,7 +229,9 @@ def test_point_names_and_taps(tmp_path):
     gpt2 = GrapeTrainer(model=tiny_gpt2(), args=grape_args(tmp_path, "g", rule="dfa", setting="micro"))
     assert gpt2.feedback.point_names == ("embeddings", "transformer.h.0.attn", "transformer.h.0.mlp",
                                          "transformer.h.1.attn", "transformer.h.1.mlp")
-    assert gpt2.feedback.tap_name == "lm_head:input"
+    assert gpt2.feedback.tap_name == "transformer.ln_f:input"  # error_point="residual", the causal-LM default
+    head = GrapeTrainer(model=tiny_gpt2(), args=grape_args(tmp_path, "h", rule="dfa", error_point="head_input"))
+    assert head.feedback.tap_name == "lm_head:input"
 
     macro = GrapeTrainer(model=tiny_gpt2(), args=grape_args(tmp_path, "m", rule="dfa", setting="macro"))
     assert macro.feedback.point_names == ("embeddings", "transformer.h.0", "transformer.h.1")

@@ -194,10 +194,14 @@ def find_head(model: nn.Module, head_module: str | None = None) -> str:
     )
 
 
-def default_error_point(model: nn.Module) -> str:
-    """'head_input' for models with output embeddings (causal LMs), 'logits' for classifiers."""
+def default_error_point(model: nn.Module, blocks: list[str]) -> str:
+    """'residual' for models with output embeddings (causal LMs) and a final norm (`find_final_norm`), else
+    'head_input' for them; 'logits' for classifiers. The residual stream is where DFA and GrAPE learn LMs
+    best (README, "Learning language models", `benchmarks/lm_fidelity.py`)."""
     has_output_embeddings = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
-    return "head_input" if has_output_embeddings else "logits"
+    if not has_output_embeddings:
+        return "logits"
+    return "residual" if find_final_norm(model, blocks) is not None else "head_input"
 
 
 def _glob(pattern: str) -> re.Pattern:
@@ -290,7 +294,7 @@ def resolve_placement(model: nn.Module, args) -> Placement:
     else:
         points = [point for block in blocks for point in micro_points(model, block)]
 
-    error_point = args.error_point or default_error_point(model)
+    error_point = args.error_point or default_error_point(model, blocks)
     if error_point == "residual":  # a head_input tap on the final norm: the error is read on the residual stream
         head = args.head_module or find_final_norm(model, blocks)
         if head is None:
