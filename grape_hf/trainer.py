@@ -47,14 +47,12 @@ class GrapeTrainer(Trainer):
         self._reach_checked = False  # `check_reached` ran (after the first training step)
         self._model_card_kwargs: dict = {}  # the card's arguments given so far; later saves reuse them
         super().__init__(model, args, *positional, **kwargs)
-        if self.is_fsdp_enabled and args.rule != "bp":
-            raise NotImplementedError(
-                f"FSDP does not work with rule={args.rule!r} yet: FSDP frees each wrapped block's gathered parameters "
-                "after its forward and gathers them again from hooks on the block's output tensors when the backward "
-                "reaches them, and the rule's feedback points and cuts detach exactly those tensors, so the feedback's "
-                "backward would run on freed parameters. Use data parallelism without FSDP (accelerate launch "
-                "--multi_gpu, DDP), or rule='bp'."
-            )
+        if self.is_fsdp_enabled and args.rule != "bp":  # FSDP2 under dfa, grape, drtp: grape_hf/fsdp.py
+            from .fsdp import fsdp_refusal
+
+            problem = fsdp_refusal(self.accelerator.state.fsdp_plugin, args.rule)
+            if problem is not None:
+                raise NotImplementedError(problem)
         if self.is_deepspeed_enabled and args.rule != "bp":
             raise NotImplementedError(
                 f"DeepSpeed is not supported with rule={args.rule!r} yet: its resume path restores the model and "

@@ -30,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from ..fsdp import ShardedFeedback, is_fully_sharded
 from .matrices import FeedbackMatrices, broadcasts, point_features, real_positions
 from .placement import EMBEDDINGS, Placement
 
@@ -168,10 +169,12 @@ class FeedbackNetwork:
         self._mode: Observation | Estimate | str | None = None
         self._recorded: dict[str, torch.Tensor] = {}
         self._attention_mask: torch.Tensor | None = None  # of this forward's model call: `real_positions`
+        self._hook = hook
+        self.sharded: ShardedFeedback | None = None  # made at the first forward of a model sharded by FSDP2
         hook(model.register_forward_pre_hook(self._start_forward, with_kwargs=True))
         for name in placement.cuts:
             hook(model.get_submodule(name).register_forward_pre_hook(
-                self._make_cut(record_embeddings=name == placement.embedding_block), with_kwargs=True))
+                self._make_cut(name, record_embeddings=name == placement.embedding_block), with_kwargs=True))
         for name in placement.points:
             hook(model.get_submodule(name).register_forward_hook(self._make_point(name)))
         head = model.get_submodule(placement.head)
@@ -227,6 +230,8 @@ class FeedbackNetwork:
 
     def _start_forward(self, module, args, kwargs):
         self._recorded.clear()  # a forward that stopped early must not leak tensors into the next
+        if self.sharded is None and is_fully_sharded(module):  # sharded after the rule was installed
+            self.sharded = ShardedFeedback(self, module, self._hook)
         # Passed by name, as the Trainer and collators do; a mask passed by position is not seen, and then
         # padding takes feedback like a token.
         mask = kwargs.get("attention_mask")
@@ -241,6 +246,8 @@ class FeedbackNetwork:
         primal, tangent = fwAD.unpack_dual(tensor)
         if primal.requires_grad:
             self._recorded[name] = primal
+            if self.sharded is not None:
+                self.sharded.recorded(name, primal)
         mode = self._mode
         if isinstance(mode, Observation):
             return tensor
@@ -249,18 +256,25 @@ class FeedbackNetwork:
         u = mode.perturbations[name] = mode.draw(name, primal)
         return fwAD.make_dual(primal.detach(), u if tangent is None else tangent.detach() + u)  # see _cut_tensor
 
-    def _make_cut(self, record_embeddings: bool):
+    def cut_inputs(self, args: tuple, kwargs: dict, record_embeddings: bool):
+        """A cut block's inputs (args, kwargs) with every tensor cut, the first recorded as the embeddings
+        point before when `record_embeddings`; None while observing (recorded, nothing cut)."""
+        if record_embeddings:
+            if args:
+                args = (self._record(EMBEDDINGS, args[0]), *args[1:])
+            else:
+                kwargs["hidden_states"] = self._record(EMBEDDINGS, kwargs["hidden_states"])
+        if isinstance(self._mode, Observation):
+            return None
+        return _cut(args), _cut(kwargs)
+
+    def _make_cut(self, name: str, record_embeddings: bool):
         def cut(module, args, kwargs):
             if not self._active():
                 return None
-            if record_embeddings:
-                if args:
-                    args = (self._record(EMBEDDINGS, args[0]), *args[1:])
-                else:
-                    kwargs["hidden_states"] = self._record(EMBEDDINGS, kwargs["hidden_states"])
-            if isinstance(self._mode, Observation):
-                return None
-            return _cut(args), _cut(kwargs)
+            if self.sharded is not None and name in self.sharded.cuts:  # cut before FSDP2's hook already
+                return self.sharded.restore_tangent(module, args, kwargs)
+            return self.cut_inputs(args, kwargs, record_embeddings)
         return cut
 
     def _make_point(self, name: str):

@@ -1,0 +1,206 @@
+"""FSDP2: two real gloo processes with sharded parameters train as one process of twice the batch.
+
+accelerate's FSDP plugin needs GPUs (on a CPU-only machine `AcceleratorState` keeps the launch as
+MULTI_CPU data parallelism and drops the plugin), so the worker below shards the model itself with
+torch's `fully_shard`, as accelerate's `fsdp2_prepare_model` does: every block, the input embeddings
+when not tied, the final norm with the head (and tied embeddings) without resharding, then the root.
+The rule is installed before sharding, as `GrapeTrainer` does. The loop is the Trainer's step:
+`Rule.training_forward`, the backward, an SGD step, `Rule.end_step`.
+
+The test launches this file with `accelerate launch --multi_gpu --num_processes 2` (CPU: gloo). Each
+process trains every case with `reshard_after_forward` True and False on its half of each batch;
+the weights (gathered) and the feedback state after the last step must equal a one-process run of
+the full batch within 1e-6 relative, every parameter must have moved, and with resharding each
+block's gradients must have been reduced and its parameters freed again before the backward reached
+the block below it (FSDP's memory savings kept).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import VOCAB, image_batch, tiny_gpt2, tiny_llama, tiny_vit
+
+from grape_hf import GrapeTrainingArguments
+from grape_hf.diagnostics.probe import true_alignment
+from grape_hf.fsdp import fsdp_refusal
+from grape_hf.rules import RULES
+
+PROCESSES, BATCH, STEPS, LR = 2, 2, 3, 0.1
+RTOL, ATOL = 1e-6, 1e-9  # ATOL: ViT's key biases, whose gradient is zero up to rounding (softmax ignores shifts)
+GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema"}
+CASES = {  # name: (model, wrapped block classes, rule arguments, micro-batches per step)
+    "dfa_micro": ("gpt2", None, {"rule": "dfa", "setting": "micro"}, 1),
+    "dfa_macro": ("gpt2", None, {"rule": "dfa", "setting": "macro"}, 1),
+    "grape_micro": ("gpt2", None, {**GRAPE, "setting": "micro"}, 1),
+    # gradient accumulation: no reduce-scatter on the first micro-batch (set_requires_gradient_sync, as accelerate)
+    "grape_accumulated": ("gpt2", None, {**GRAPE, "setting": "micro"}, 2),
+    "grape_llama": ("llama", None, {**GRAPE, "setting": "macro"}, 1),
+    # accelerate's default policy also wraps ViTEmbeddings and then fails on its patch embeddings inside: name
+    # the layers (fsdp_transformer_layer_cls_to_wrap: ViTLayer), as a ViT user of accelerate must.
+    "drtp_vit": ("vit", ["ViTLayer"], {"rule": "drtp", "setting": "macro"}, 1),
+}
+BUILD = {"gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
+PROBED = {"dfa_macro"}  # with the true-alignment probe's forward and backward before each training forward
+
+
+def batches(model: str) -> list[dict]:
+    """The STEPS global batches (PROCESSES * BATCH examples each) of a model."""
+    if model == "vit":
+        return [image_batch(PROCESSES * BATCH, seed=step) for step in range(STEPS)]
+    ids = torch.randint(0, VOCAB, (STEPS, PROCESSES * BATCH, 16), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": ids[step], "labels": ids[step].clone()} for step in range(STEPS)]
+
+
+def shard_like_accelerate(model: torch.nn.Module, reshard: bool, wrap: list[str] | None) -> None:
+    """`fully_shard` as accelerate's `fsdp2_prepare_model` applies it (transformer-based wrap policy)."""
+    from accelerate.utils.fsdp_utils import _find_final_norm
+    from torch.distributed.fsdp import fully_shard
+
+    classes = set(wrap or model._no_split_modules)
+    for module in reversed(list(model.modules())[1:]):  # bottom up, as get_module_children_bottom_up
+        if type(module).__name__ in classes:
+            fully_shard(module, reshard_after_forward=reshard)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embeddings.weight is head.weight
+    if not tied:
+        fully_shard(embeddings, reshard_after_forward=reshard)
+    tail = [m for m in (_find_final_norm(model), *((embeddings,) if tied else ()), head) if m is not None]
+    fully_shard(tail, reshard_after_forward=False)
+    fully_shard(model)  # the root: torch's default (no resharding after forward)
+
+
+def train(case: str, rank: int = 0, processes: int = 1, reshard: bool | None = None) -> dict[str, torch.Tensor]:
+    """Train `case` for STEPS SGD steps, on this process's share of each batch (sharded unless `reshard` is None).
+
+    Returns the weights (`weights.<name>`, gathered) and the feedback state (`feedback.<key>`) after the last
+    step, the feedback state after the first (`first_feedback.<key>`) and, with resharding, `freed_below`
+    (backwards, 2): per backward, whether the last block was resharded, and whether its gradients were
+    reduced, when the first block's gradients arrived."""
+    kind, wrap, rule_args, accumulation = CASES[case]
+    model = BUILD[kind]()
+    args = GrapeTrainingArguments(output_dir="unused", use_cpu=True, report_to="none", **rule_args)
+    rule = RULES[args.rule](model, args)  # before sharding, as GrapeTrainer does
+    freed_below = []
+    if reshard is not None:
+        from torch.distributed.tensor import DTensor
+
+        shard_like_accelerate(model, reshard, wrap)
+        first, last = (model.get_submodule(name) for name in (rule.placement.cuts[0], rule.placement.cuts[-1]))
+
+        def last_block_done(param):  # the first block's gradient is in: is the last block freed, reduced?
+            last_param = next(last.parameters())  # the sharded parameter once freed
+            freed_below.append((isinstance(last_param, DTensor), last_param.grad is not None))
+
+        def watch(module, args, kwargs):  # inside its forward the block holds its gathered (plain) parameters
+            gathered = next(module.parameters())
+            if not isinstance(gathered, DTensor) and not hasattr(gathered, "_watched"):
+                gathered._watched = gathered.register_post_accumulate_grad_hook(last_block_done)
+        first.register_forward_pre_hook(watch, with_kwargs=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    ranks, size = [rank] if processes > 1 else range(PROCESSES), BATCH // accumulation
+    record = {}
+    for step, batch in enumerate(batches(kind)):
+        for micro in range(accumulation):  # a process's micro-batch m: the m-th slice of its share of the batch
+            rows = [r * BATCH + micro * size + i for r in ranks for i in range(size)]
+            if reshard is not None:  # as accelerate's no_sync under FSDP2
+                model.set_requires_gradient_sync(micro == accumulation - 1)
+            inputs = {key: value[rows] for key, value in batch.items()}
+            if case in PROBED and micro == 0:  # as GrapeTrainer.compute_loss, on the (unwrapped) sharded model
+                assert all(-1 <= cos <= 1 for cos in true_alignment(rule, lambda inputs=inputs: model(**inputs).loss).values())
+            loss, _ = rule.training_forward(lambda batch: (model(**batch).loss, None), inputs, step, micro == 0)
+            (loss / accumulation).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        rule.end_step(False)
+        prefix = "first_feedback" if step == 0 else "feedback"
+        if step in (0, STEPS - 1):
+            record.update({f"{prefix}.{key}": value.detach().cpu().clone() for key, value in rule.state_dict().items()})
+    for name, param in model.named_parameters():
+        record[f"weights.{name}"] = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
+        if reshard is not None and param.shape[0] >= processes:  # really split across the processes
+            assert param.to_local().numel() < param.numel(), name
+    if reshard:
+        record["freed_below"] = torch.tensor(freed_below)
+    return record
+
+
+def worker(output: str) -> None:
+    """One of the launched processes: every case, with and without resharding, into `<case>_<reshard>.safetensors`
+    (rank 0)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)  # gloo
+    assert state.num_processes == PROCESSES, f"launched with {state.num_processes} processes"
+    for case in CASES:
+        for reshard in (True, False):
+            record = train(case, state.process_index, PROCESSES, reshard)
+            if state.is_main_process:
+                save_file({k: v.contiguous() for k, v in record.items()}, os.path.join(output, f"{case}_{reshard}.safetensors"))
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Run the worker in PROCESSES real processes (gloo on CPU); the folder of their records."""
+    output = tmp_path_factory.mktemp("fsdp")
+    with socket.socket() as probe:  # a free port: other test runs may launch processes at the same time
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), __file__, str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return output
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """|a - b| <= RTOL |b| + ATOL (Frobenius norms)."""
+    return float((a.double() - b.double()).norm()) <= RTOL * float(b.double().norm()) + ATOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_processes_match_one_process_of_twice_the_batch(launched, case):
+    single = train(case)
+    initial = BUILD[CASES[case][0]]().state_dict()
+    for reshard in (True, False):
+        sharded = load_file(str(launched / f"{case}_{reshard}.safetensors"))
+        assert sharded.keys() - {"freed_below"} == single.keys()
+        for key, value in single.items():
+            if value.is_floating_point():
+                assert close(sharded[key], value), (reshard, key, float((sharded[key] - value).norm() / value.norm()))
+            else:
+                assert torch.equal(sharded[key], value), (reshard, key)
+        if reshard:  # each block reduced and freed after its own backward, not at the end of the backward
+            accumulation = CASES[case][3]
+            freed, reduced = sharded["freed_below"].view(STEPS, accumulation, 2).unbind(-1)
+            assert freed.all()
+            assert reduced[:, -1].all() and not reduced[:, :-1].any()  # reduce-scattered on a step's last micro-batch
+    for name, value in initial.items():  # every parameter moved: the comparison is of real updates
+        if f"weights.{name}" in single:
+            assert not torch.equal(value, single[f"weights.{name}"]), name
+    if CASES[case][2]["rule"] == "grape":  # the matrices learned, identically
+        name = next(key for key in single if key.startswith("feedback.matrices."))
+        assert int(single["feedback.aligner.estimates_seen"]) == STEPS
+        assert not torch.allclose(single[name], single["first_" + name])
+
+
+def test_fsdp_refusals_name_the_reason():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    assert fsdp_refusal(FullyShardedDataParallelPlugin(fsdp_version=2), "grape") is None
+    assert "version 1" in fsdp_refusal(FullyShardedDataParallelPlugin(fsdp_version=1), "dfa")
+    assert "'fa'" in fsdp_refusal(FullyShardedDataParallelPlugin(fsdp_version=2), "fa")
+    checkpointing = FullyShardedDataParallelPlugin(fsdp_version=2, activation_checkpointing=True)
+    assert "activation checkpointing" in fsdp_refusal(checkpointing, "drtp")
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
