@@ -89,11 +89,14 @@ def tiny_convnext() -> ConvNextForImageClassification:
 @pytest.mark.parametrize("rule", ["dfa", "grape"])
 def test_nested_block_classes_give_one_level(tmp_path, rule):
     """ConvNeXt declares its stages and its layers as blocks; both became points, the stages were idle and
-    their downsampling never trained (GrAPE crashed with a bare KeyError). Now the stages are the points."""
+    their downsampling never trained (GrAPE crashed with a bare KeyError). Now the stages are the cuts and
+    their layers the points, the downsampling in the first layer's segment."""
     model = tiny_convnext()
     before = copy.deepcopy(model)
     trainer = GrapeTrainer(model=model, args=quick_args(tmp_path, rule=rule), train_dataset=image_dataset())
-    assert trainer.feedback.point_names == ("embeddings", "convnext.encoder.stages.0", "convnext.encoder.stages.1")
+    assert trainer.feedback.point_names == ("embeddings", "convnext.encoder.stages.0.layers.0",
+                                            "convnext.encoder.stages.1.layers.0")
+    assert trainer.feedback.placement.cuts == ("convnext.encoder.stages.0", "convnext.encoder.stages.1")
     trainer.train()
     moved = {n for (n, p), q in zip(model.named_parameters(), before.parameters()) if not torch.equal(p, q)}
     assert "convnext.encoder.stages.1.downsampling_layer.1.weight" in moved

@@ -207,14 +207,15 @@ def hf_images() -> dict:
     return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 5, (2,), generator=g)}
 
 
-def test_hf_resnet_blocks_are_its_stages_and_micro_its_layers(tmp_path):
-    """HF ResNet declares only its conv layers (inside nn.Sequential): the stages holding them are the blocks."""
+def test_hf_resnet_blocks_are_its_stages_and_points_its_layers(tmp_path):
+    """HF ResNet declares only its conv layers (inside nn.Sequential): the stages holding them are the blocks
+    (the cuts), their residual layers the points, in both settings."""
     model = FAMILIES["HF ResNet"].build()
-    macro = resolve_placement(model, args(tmp_path, setting="macro"))
-    assert macro.points == macro.cuts == ("resnet.encoder.stages.0", "resnet.encoder.stages.1")
-    micro = resolve_placement(model, args(tmp_path, setting="micro"))
-    assert micro.points == ("resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0")
-    assert audit_locality(model, hf_images(), args(tmp_path, rule="dfa", setting="micro")).ok
+    for setting in ("macro", "micro"):
+        placement = resolve_placement(model, args(tmp_path, setting=setting))
+        assert placement.cuts == ("resnet.encoder.stages.0", "resnet.encoder.stages.1")
+        assert placement.points == ("resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0")
+        assert audit_locality(model, hf_images(), args(tmp_path, rule="dfa", setting=setting)).ok
 
 
 def test_micro_points_at_the_units_of_nested_blocks(tmp_path):
@@ -224,6 +225,9 @@ def test_micro_points_at_the_units_of_nested_blocks(tmp_path):
     first = convnext.receivers["convnext.encoder.stages.1.layers.0"]
     assert "convnext.encoder.stages.1.downsampling_layer.1.weight" in first
     swin_model = FAMILIES["Swin"].build()
+    # Swin declares only its stages: its blocks are found inside them, the points of both settings.
+    assert resolve_placement(swin_model, args(tmp_path, setting="macro")).points == \
+        resolve_placement(swin_model, args(tmp_path, setting="micro")).points
     swin = audit_locality(swin_model, hf_images(), args(tmp_path, rule="dfa", setting="micro"))
     merging = {name for name, _ in swin_model.swin.encoder.layers[0].downsample.named_parameters()}
     assert set(swin.receivers["swin.encoder.layers.0"]) == {f"swin.encoder.layers.0.downsample.{n}" for n in merging}

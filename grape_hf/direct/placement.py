@@ -4,13 +4,14 @@ Macro: one point per block (the residual stream after the block). Blocks are the
 class is listed in the model's own `_no_split_modules` and that sit in an `nn.ModuleList` (the outer
 ones where such blocks nest: ConvNeXt's stages, not their layers), so any model that declares its
 block class gets macro for free. A model whose declared classes sit deeper (HF ResNet declares its
-conv layers) has as blocks the children of an `nn.ModuleList` that hold them (its stages).
+conv layers) has as blocks the children of an `nn.ModuleList` that hold them (its stages). A block
+that holds repeated residual units of its own (the layers of a ConvNeXt or HF ResNet stage, the
+blocks of a Swin stage) has those units as its points instead, plus itself when it holds parameters
+after them (Swin's patch merging), in both settings (`unit_points`); the blocks stay the cuts.
 Micro: one point per residual branch, named per block class in `MICRO_SUBLAYERS`: the module whose
 output is added to the block's input stream (after a post-branch norm or layer-scale module, so that
 module trains in the branch's segment), or the block itself for its last branch where no module ends
-that branch. A block without such an entry that holds repeated units of its own (the layers of a
-ConvNeXt or HF ResNet stage, the blocks of a Swin stage) has those units as its points, plus itself
-when it holds parameters after them (Swin's patch merging).
+that branch.
 Both add a point on the embeddings (the input of the first block) unless told not to.
 Every block input is a cut: its tensor inputs are detached, so no path (a residual stream, a
 position tensor or mask shared by all blocks) carries true gradient from one segment to another.
@@ -231,16 +232,29 @@ def _suggested_points(model: nn.Module) -> list[str]:
     return lists[:2] or [name for name, _ in model.named_children()][:2]
 
 
+def unit_points(model: nn.Module, block: str) -> list[str]:
+    """The points of a block that holds repeated residual units (a ConvNeXt, HF ResNet or Swin stage): its
+    `sub_units`, plus the block itself when it holds parameters after them; none for a transformer block
+    (`MICRO_SUBLAYERS`) or a block without units. Both settings put these points: the units are the residual
+    blocks of such models, and each has one residual branch (ConvNeXt, ResNet) or a windowed attention
+    branch whose positions are not the error's (Swin), so micro has nothing finer."""
+    module = model.get_submodule(block)
+    if type(module).__name__ in MICRO_SUBLAYERS:
+        return []
+    units, after = sub_units(module)
+    return [f"{block}.{unit}" for unit in units] + ([block] if units and after else [])
+
+
 def micro_points(model: nn.Module, block: str) -> list[str]:
-    """The micro points of `block`: its residual branches (`MICRO_SUBLAYERS`), else its `sub_units`.
+    """The micro points of `block`: its residual branches (`MICRO_SUBLAYERS`), else its `unit_points`.
     Raises a `ValueError` naming `feedback_modules` for a block it does not know."""
     module = model.get_submodule(block)
     block_class = type(module).__name__
     if block_class in MICRO_SUBLAYERS:
         return [f"{block}.{sub}" if sub else block for sub in MICRO_SUBLAYERS[block_class]]
-    units, after = sub_units(module)
+    units = unit_points(model, block)
     if units:
-        return [f"{block}.{unit}" for unit in units] + ([block] if after else [])
+        return units
     children = [name for name, _ in module.named_children()]
     raise ValueError(
         f"The micro setting does not know the sub-layers of {block_class} (its residual branches; known: "
@@ -290,7 +304,7 @@ def resolve_placement(model: nn.Module, args) -> Placement:
             "model.named_modules(), where '*' stands for one dotted component)."
         )
     elif args.setting == "macro":
-        points = blocks
+        points = [point for block in blocks for point in (unit_points(model, block) or [block])]
     else:
         points = [point for block in blocks for point in micro_points(model, block)]
 
