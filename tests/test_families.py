@@ -26,10 +26,11 @@ CELLS = {
     "DFA macro": {"rule": "dfa", "setting": "macro"},
     "DFA micro": {"rule": "dfa", "setting": "micro"},
     "GrAPE macro": {"rule": "grape", "setting": "macro"},
-    # Causal LMs: the error on the residual stream, the input of the final norm `find_final_norm` finds.
-    "DFA residual": {"rule": "dfa", "setting": "macro", "error_point": "residual"},
+    # Causal LMs read the error on the residual stream by default (the final norm's input, `find_final_norm`);
+    # the head's input is the other choice.
+    "DFA head input": {"rule": "dfa", "setting": "macro", "error_point": "head_input"},
 }
-LM_ONLY = {"DFA residual"}
+LM_ONLY = {"DFA head input"}
 
 
 def applies(family: str, cell: str) -> bool:
