@@ -6,8 +6,10 @@
 
 Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
 optimizer step, i.e. what training costs. The variants run in rounds of blocks of steps, so drift
-of the machine hits all alike; the table gives median and mean step time and peak memory with
-ratios to BP.
+of the machine hits all alike; the table gives median and mean step time, the mean CPU time of
+the process per step, and peak memory, with ratios to BP. On a shared machine the wall-time ratios
+move with the other jobs; with one thread (`OMP_NUM_THREADS=1`) the CPU-time ratio does not, so it
+is the figure to compare across runs there (with several threads it also counts their spin-waits).
 Critical path (`--critical_path`): once `e` is known, DFA's segments are independent, so their local
 backwards could run in parallel (one CUDA stream each). On one forward of the DFA model, it times the
 whole backward (sequential, as today), the part above the tap alone (loss, head, the tap: the
@@ -110,6 +112,7 @@ def run(flags):
         for name, overrides in VARIANTS.items():
             trainers[name] = make_trainer(flags, overrides, out)
         times = {name: [] for name in trainers}
+        cpu = {name: [] for name in trainers}
         memory = {}
         # Rounds of blocks: each variant runs `warmup` unmeasured steps, then `block` measured ones.
         # Blocks rather than single interleaved steps: switching model at every step makes each
@@ -120,13 +123,14 @@ def run(flags):
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     step(trainer, batch)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                         memory[name] = max(memory.get(name, 0), torch.cuda.max_memory_allocated())
                     if i >= flags.warmup:
                         times[name].append(time.perf_counter() - start)
+                        cpu[name].append(time.process_time() - start_cpu)
         if device.type != "cuda":  # untimed: the hook costs a Python call per saved tensor
             for name, (trainer, batch) in trainers.items():
                 trainer.state.global_step = 0  # an estimating step for the GrAPE variants
@@ -137,13 +141,13 @@ def run(flags):
           f"{f', seq {flags.seq}' if flags.model == 'gpt2' else ''}, {device}, {flags.rounds} x {flags.block} steps, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads)")
     # The mean too: 'grape/4' estimates on one step in four, which the median alone would hide.
-    print(f"| variant | median step (s) | x BP | mean step (s) | x BP | {unit} (MB) | x BP |\n"
-          "|---|---|---|---|---|---|---|")
-    bp_mean = statistics.mean(times["bp"])
+    print(f"| variant | median step (s) | x BP | mean step (s) | x BP | mean CPU (s) | x BP | {unit} (MB) | x BP |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    bp_mean, bp_cpu = statistics.mean(times["bp"]), statistics.mean(cpu["bp"])
     for name in trainers:
-        median, mean = statistics.median(times[name]), statistics.mean(times[name])
-        print(f"| {name} | {median:.4f} | {median / bp_time:.2f} | {mean:.4f} | {mean / bp_mean:.2f} | "
-              f"{memory[name] / 2**20:.1f} | {memory[name] / bp_memory:.2f} |")
+        median, mean, used = statistics.median(times[name]), statistics.mean(times[name]), statistics.mean(cpu[name])
+        print(f"| {name} | {median:.4f} | {median / bp_time:.2f} | {mean:.4f} | {mean / bp_mean:.2f} | {used:.4f} | "
+              f"{used / bp_cpu:.2f} | {memory[name] / 2**20:.1f} | {memory[name] / bp_memory:.2f} |")
 
 
 def timed_backward(loss: torch.Tensor, context, repeats: int) -> float:

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import image_batch, tiny_gpt2, tiny_vit, token_batch
+from tiny_models import image_batch, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from transformers import Trainer, TrainingArguments
@@ -15,7 +15,9 @@ from grape_hf.rules import RULES
 from grape_hf.direct.estimate import cosine, estimating_forward, jacobian_estimate
 from grape_hf.rules.grape import align_step
 
-FAMILIES = {"gpt2": (tiny_gpt2, token_batch), "vit": (tiny_vit, image_batch)}
+# GPT-2 (Conv1D addmm, NewGELU, LayerNorm), Llama (grouped-query attention, SiLU, RMSNorm), ViT (exact GELU):
+# every kernel of `direct/forward_ad.py` on a real model.
+FAMILIES = {"gpt2": (tiny_gpt2, token_batch), "llama": (tiny_llama, token_batch), "vit": (tiny_vit, image_batch)}
 
 
 def grape_args(tmp_path, **kwargs):

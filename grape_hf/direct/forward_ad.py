@@ -1,34 +1,40 @@
-"""Attention for GrAPE's estimating forward: forward-mode AD that holds no extra memory into the backward.
+"""Kernels for GrAPE's estimating forward: forward-mode AD at the cost of one more forward, no more memory.
 
-While dual tensors are live, attention must run on ops with forward-AD formulas (SDPA's fused
-kernels have none). Eager attention has them, but torch's own softmax formula keeps its tangent's
-autograd graph (4 tensors the size of the attention matrix) alive as long as the primal graph, so
-into the backward: that was most of GrAPE's extra activation memory on a GPT-2 (measured with
-`benchmarks/step_time.py`; a softmax with the explicit jvp below holds exactly what BP holds).
-So the estimating forward switches the model, through transformers' `AttentionInterface`, to
-`attention_forward` (eager attention with that softmax), and back afterwards. Models that do not
-dispatch through the interface run SDPA on its MATH backend.
+The estimating forward runs the model on dual tensors (`forward_ad.dual_level()`). torch's own
+forward-AD formulas are general but costly here: they record the tangent's ops in autograd (its
+inputs involve parameters that require grad), which holds tangent-sized tensors alive and may keep
+them into the backward; they materialise zero tangents for the weights and multiply by them; and a
+Python-composed op (GPT-2's GELU, 8 ops) gets the formula of each of its ops. So the heavy ops run
+as *split kernels*: the primal through the op's own code (its own values, autograd graph and
+backward, exactly what a DFA step runs), the tangent by an explicit jvp under `no_grad` (its
+history is never used: `network._cut_tensor` drops it at the next point anyway), joined by
+`make_dual`. Each is tested against torch's values, gradients and tangents (tests/test_forward_ad.py).
+On `benchmarks/step_time.py`'s GPT-2 (4 x 256) one estimating forward went from 2178 dispatched aten
+ops to 1214 (BP's forward: 335), and GrAPE's step from 1.52-1.58x BP's CPU time to 1.27-1.29x.
 
-Linear layers: torch's forward-AD formula of `addmm`/`linear` materialises zero tangents for the
-weight and bias and multiplies by them, two matmuls where the tangent needs one (`t W^T`): a dual
-`nn.Linear` cost 3.4x a plain one on this CPU instead of 2x. While estimating, `Affine` (an
-explicit jvp, the same backward) replaces them for inputs whose weight has no tangent.
-
-Ops with no forward-AD formula at all get one here, so GrAPE runs on the models that use them:
-- the grouped matmul of Mixture-of-Experts layers (`torch._grouped_mm`, transformers' CPU fallback op;
-  Mixtral, Qwen2-MoE): linear in its input, so its tangent is the same op on the input's tangent
-  (`grouped_mm_with_tangent`), the primal keeping the op's own backward;
-- module classes whose forward is a custom `autograd.Function` without `jvp` (BLOOM's GELU):
-  `JVP_MODULES` swaps their forward, while estimating, for a Function with the same forward and
-  backward and an explicit jvp.
-Anything else without forward AD is refused, naming the module (`estimate.estimating_forward`).
+- linear layers (`F.linear`, `torch.addmm` of GPT-2's Conv1D), input tangent `t` only: `t W^T`;
+- `F.layer_norm`: the normalisation's Jacobian is symmetric, so its jvp is its own backward kernel
+  applied to `t` (`native_layer_norm_backward` without weight), times the weight;
+- `F.gelu`, `F.silu` and the modules of `JVP_MODULES` (GPT-2's `NewGELUActivation`): `f'(x) t` by the
+  op's backward kernel;
+- attention (`attention_forward`, switched in through transformers' `AttentionInterface`): eager
+  attention on the primals (SDPA's fused kernels have no forward AD; models that call SDPA directly
+  run its MATH backend), tangent `dO = dP V + P dV`, `dP = P * (dS - rowsum(P * dS))`;
+- ops with no forward-AD formula at all: the grouped matmul of Mixture-of-Experts layers
+  (`torch._grouped_mm`, transformers' CPU fallback op; Mixtral, Qwen2-MoE), linear in its input
+  (`grouped_mm_with_tangent`); module classes whose forward is a custom `autograd.Function` without
+  `jvp` (BLOOM's GELU), swapped through `JVP_MODULES` for a Function with an explicit jvp.
+Anything else runs on torch's own formulas; an op without one is refused, naming the module
+(`estimate.estimating_forward`).
 """
 
 import contextlib
+import functools
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
@@ -38,95 +44,190 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 ATTENTION = "grape_forward_ad"  # name registered with transformers' attention and mask interfaces
 
 
-class Softmax(torch.autograd.Function):
-    """`softmax(x, dim)` with an explicit jvp `y * (t - sum(y * t))`, computed from the saved output."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, dim: int) -> torch.Tensor:
-        return torch.softmax(x, dim)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.dim = inputs[1]
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (y,) = ctx.saved_tensors
-        return torch._softmax_backward_data(grad, y, ctx.dim, y.dtype), None
-
-    @staticmethod
-    def jvp(ctx, tangent: torch.Tensor, _):
-        (y,) = ctx.saved_tensors
-        return y * (tangent - (y * tangent).sum(ctx.dim, keepdim=True))
+def _joined(out: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tensor:
+    """`out` (with its autograd graph) carrying `tangent` (no history) as its forward-AD tangent; with grad
+    mode on (`make_dual` under `no_grad` would cut `out` from its graph)."""
+    if tangent is None:
+        return out
+    return fwAD.make_dual(out, tangent if tangent.dtype == out.dtype else tangent.to(out.dtype))
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
-    """Eager attention with `Softmax`, in transformers' `AttentionInterface` signature.
+    """Eager attention, in transformers' `AttentionInterface` signature, on dual or plain tensors.
+
+    The primal is eager attention on the primals (softmax in at least float32, as eager attention does
+    for half precision); the tangent, computed without autograd history from the tangents `dq, dk, dv`
+    (any may be absent): `dS = (dq K^T + Q dk^T) * scaling`, `dP = P * (dS - rowsum(P * dS))`, and
+    `dO = dP' V + P' dV` with `P'` the dropped-out weights, `dP' = P' * (dS - rowsum(P * dS))` (dropout
+    scales `P` and `dP` alike; masked entries have `P = 0`, so their tangent is 0).
 
     Args:
         query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim).
         attention_mask: None, or (batch, 1, q_len, kv_len), boolean (True = attend, from `sdpa_mask`) or additive.
         is_causal: with no mask, whether to mask the future (default: the module's `is_causal`).
     Returns:
-        (batch, q_len, heads, head_dim) output and the (batch, heads, q_len, kv_len) attention weights.
+        (batch, q_len, heads, head_dim) output (dual when an input is) and the (batch, heads, q_len, kv_len)
+        attention weights (after dropout, without tangent).
     """
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    (q, dq), (k, dk), (v, dv) = (fwAD.unpack_dual(a) for a in (query, key, value))
+    batch, heads, q_len, head_dim = q.shape
+    groups = heads // k.shape[1]
+    # Matmuls on (batch * heads) batches of contiguous copies, each made once and shared by the primal and
+    # the tangent (`torch.matmul` copies its operands again for each product, a transposed key twice).
+    # Sums of products by `torch.baddbmm`, out of place, so that autocast casts them.
+    q, key_t, v = _batched(q, 1), _batched(k.transpose(2, 3), groups), _batched(v, groups)
+    kv_len = key_t.shape[-1]
+    scaling = head_dim ** -0.5 if scaling is None else scaling
+    scores = torch.bmm(q, key_t).view(batch, heads, q_len, kv_len) * scaling
     if attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", False)):
-        q_len, kv_len = scores.shape[-2:]
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
         scores = scores + attention_mask
-    # In at least float32, as eager attention does for half precision.
-    weights = Softmax.apply(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1).to(query.dtype)
-    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1)
+    weights = F.dropout(probs.to(q.dtype), p=dropout, training=module.training)
+    flat_weights = weights.reshape(batch * heads, q_len, kv_len)
+    out = torch.bmm(flat_weights, v).view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+    if dq is None and dk is None and dv is None:
+        return out, weights
+    with torch.no_grad():
+        d_out = None
+        if dq is not None or dk is not None:
+            d_scores = torch.bmm(_batched(dq, 1), key_t) if dq is not None else None
+            if dk is not None:
+                dk_t = _batched(dk.transpose(2, 3), groups)
+                d_scores = torch.bmm(q, dk_t) if d_scores is None else torch.baddbmm(d_scores, q, dk_t)
+            d_scores = d_scores.view(batch, heads, q_len, kv_len).to(probs.dtype).mul_(scaling)
+            d_scores -= (probs * d_scores).sum(-1, keepdim=True)
+            d_weights = d_scores.mul_(weights).to(q.dtype)  # dP' = P' * (dS - rowsum(P * dS))
+            d_out = torch.bmm(d_weights.view(batch * heads, q_len, kv_len), v)
+        if dv is not None:
+            dv = _batched(dv, groups)
+            d_out = torch.bmm(flat_weights, dv) if d_out is None else torch.baddbmm(d_out, flat_weights, dv)
+        d_out = d_out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous()
+    return _joined(out, d_out), weights
+
+
+def _batched(tensor: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, kv_heads, m, n) -> (batch * kv_heads * groups, m, n), contiguous, each head repeated `groups`
+    times (grouped-query attention, as transformers' `repeat_kv`)."""
+    tensor = repeat_kv(tensor, groups)
+    return tensor.reshape(-1, *tensor.shape[2:]).contiguous()
 
 
 AttentionInterface.register(ATTENTION, attention_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
-class Affine(torch.autograd.Function):
-    """`x W^T + b` (`transposed`, as `F.linear`) or `x W + b` (as `torch.addmm(b, x, W)`), with the jvp
-    `t W^T` (or `t W`) of an input tangent `t` alone: the weight and bias carry no tangent."""
+def _arguments(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list | None:
+    """The values of `names` (the last ones defaulting to `defaults`) from a call's args and kwargs, or
+    None when the call has arguments that `names` does not cover (then the op runs as torch's own)."""
+    if len(args) > len(names) or not set(kwargs) <= set(names[len(args):]):
+        return None
+    optional = dict(zip(names[len(names) - len(defaults):], defaults))
+    return [*args, *(kwargs.get(name, optional.get(name)) for name in names[len(args):])]
 
-    @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-        if transposed:
-            return F.linear(x, weight, bias)
-        return torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, ctx.transposed = inputs
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(weight)
+def _split(value) -> tuple:
+    """(primal, tangent) of a dual tensor; (value, None) for anything else."""
+    return fwAD.unpack_dual(value) if isinstance(value, torch.Tensor) else (value, None)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight if ctx.transposed else grad @ weight.T
-        if ctx.needs_input_grad[1]:
-            flat_x = x.reshape(-1, x.shape[-1])
-            grad_weight = flat_grad.T @ flat_x if ctx.transposed else flat_x.T @ flat_grad
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = flat_grad.sum(0)
-        return grad_x, grad_weight, grad_bias, None
 
-    @staticmethod
-    def jvp(ctx, tangent: torch.Tensor, *_):
-        (weight,) = ctx.saved_tensors
-        return tangent @ (weight.T if ctx.transposed else weight)
+def _constant(value) -> bool:
+    """Whether `value` carries no tangent: None, a parameter (never dual: `make_dual` returns a new
+    tensor), or a tensor without one."""
+    return value is None or isinstance(value, nn.Parameter) or not _has_tangent(value)
+
+
+def _linear(func, args, kwargs):
+    """`F.linear(x, W, b)`: tangent `t W^T`."""
+    values = _arguments(args, kwargs, ("input", "weight", "bias"), (None,))
+    if values is None:
+        return NotImplemented
+    (x, t), weight, bias = _split(values[0]), values[1], values[2]
+    if t is None or not _constant(weight) or not _constant(bias):
+        return NotImplemented
+    out = func(x, weight, bias)
+    with torch.no_grad():
+        tangent = F.linear(t, weight)
+    return _joined(out, tangent)
+
+
+def _addmm(func, args, kwargs):
+    """`torch.addmm(b, x, W)` (GPT-2's Conv1D), plain `beta` and `alpha`: tangent `t W`."""
+    if kwargs or len(args) != 3:
+        return NotImplemented
+    bias, (x, t), weight = args[0], _split(args[1]), args[2]
+    if t is None or not _constant(weight) or not _constant(bias):
+        return NotImplemented
+    out = func(bias, x, weight)
+    with torch.no_grad():
+        tangent = torch.mm(t, weight)
+    return _joined(out, tangent)
+
+
+def _layer_norm(func, args, kwargs):
+    """`F.layer_norm(x, shape, w, b, eps)`: tangent `w * J t`, `J` the normalisation's Jacobian, which is
+    symmetric, so `J t` is its backward kernel on `t` (no weight). Not under autocast, which runs
+    `layer_norm` in float32 where `native_layer_norm` keeps the input's dtype."""
+    values = _arguments(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5))
+    if values is None:
+        return NotImplemented
+    (x, t), shape, weight, bias, eps = _split(values[0]), *values[1:]
+    if t is None or not _constant(weight) or not _constant(bias) or torch.is_autocast_enabled(x.device.type):
+        return NotImplemented
+    out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)  # what F.layer_norm runs
+    with torch.no_grad():
+        tangent = torch.ops.aten.native_layer_norm_backward.default(t, x, shape, mean, rstd, None, None,
+                                                                     [True, False, False])[0]
+        if weight is not None:
+            tangent.mul_(weight)
+    return _joined(out, tangent)
+
+
+def _gelu(func, args, kwargs):
+    """`F.gelu(x, approximate)`: tangent `gelu'(x) t`, by `gelu_backward`."""
+    values = _arguments(args, kwargs, ("input", "approximate"), ("none",))
+    if values is None:
+        return NotImplemented
+    (x, t), approximate = _split(values[0]), values[1]
+    if t is None:
+        return NotImplemented
+    out = func(x, approximate=approximate)
+    with torch.no_grad():
+        tangent = torch.ops.aten.gelu_backward.default(t, x, approximate=approximate)
+    return _joined(out, tangent)
+
+
+def _silu(func, args, kwargs):
+    """`F.silu(x)` (not in place): tangent `silu'(x) t`, by `silu_backward`."""
+    values = _arguments(args, kwargs, ("input", "inplace"), (False,))
+    if values is None or values[1]:
+        return NotImplemented
+    x, t = _split(values[0])
+    if t is None:
+        return NotImplemented
+    out = func(x)
+    with torch.no_grad():
+        tangent = torch.ops.aten.silu_backward.default(t, x)
+    return _joined(out, tangent)
+
+
+def elementwise_with_tangent(forward, derivative, x: torch.Tensor) -> torch.Tensor:
+    """`forward(x)` for an elementwise `forward` with `derivative(t, x) = forward'(x) t`: `forward` runs on
+    the primal (its own values and backward), the tangent comes from `derivative` without history."""
+    primal, tangent = fwAD.unpack_dual(x)
+    if tangent is None:
+        return forward(x)
+    out = forward(primal)
+    with torch.no_grad():
+        tangent = derivative(tangent, primal)
+    return _joined(out, tangent)
+
+
+# Elementwise op -> its Python derivative `(t, x) -> f'(x) t`: the same function as the op's own.
+_TANH_GELU = functools.partial(torch.ops.aten.gelu_backward.default, approximate="tanh")
 
 
 def _has_tangent(tensor) -> bool:
@@ -162,9 +263,14 @@ class BloomGelu(torch.autograd.Function):
         return bloom_gelu_back(tangent, ctx.saved_tensors)
 
 
-# Module class name -> a forward with an explicit jvp, used in place of the module's own while
-# estimating (its own runs a custom autograd.Function that has none). Same values and gradients.
-JVP_MODULES = {"BloomGelu": BloomGelu.apply}
+# Module class name -> a factory of the forward used in place of the module's own (given the module's
+# own) while estimating: same values and gradients, an explicit jvp. BLOOM's GELU runs a custom
+# autograd.Function that has no jvp; GPT-2's `NewGELUActivation` (tanh GELU in 8 ops, 0.5 x (1 +
+# tanh(sqrt(2 / pi) (x + 0.044715 x^3)))) would take the forward-AD formula of each of its ops.
+JVP_MODULES = {
+    "BloomGelu": lambda own: BloomGelu.apply,
+    "NewGELUActivation": lambda own: functools.partial(elementwise_with_tangent, own, _TANH_GELU),
+}
 
 
 def _is_grouped_mm(func) -> bool:
@@ -199,35 +305,43 @@ def grouped_mm_with_tangent(func, args, kwargs):
     return fwAD.make_dual(out, out_tangent)
 
 
+def _grouped_mm(func, args, kwargs):
+    if not args or not _has_tangent(args[0]) or any(_has_tangent(a) for a in (*args[1:], *kwargs.values())):
+        return NotImplemented
+    return grouped_mm_with_tangent(func, args, kwargs)
+
+
+# torch function -> its split kernel, which returns NotImplemented where torch's own formula must run.
+_KERNELS = {F.linear: _linear, torch.addmm: _addmm, F.layer_norm: _layer_norm, F.gelu: _gelu, F.silu: _silu}
+_ROUTED: dict = {}  # every function seen -> its kernel or None (grouped matmuls are recognised once)
+
+
 class _EstimatingOps(TorchFunctionMode):
-    """Route `F.linear` and `torch.addmm` (GPT-2's Conv1D) whose only tangent is the input's to `Affine`
-    (not under autocast, which casts inside the native ops), and grouped matmuls whose only tangent is
-    the input's to `grouped_mm_with_tangent` (they do not autocast: transformers casts for them)."""
+    """Route the ops of `_KERNELS`, and grouped matmuls, to their kernels. Every torch call of the
+    estimating forward passes here, so the common case costs one dict lookup."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_grouped_mm(func) and args and _has_tangent(args[0]):
-            others = (*args[1:], *kwargs.values())
-            if not any(_has_tangent(a) for a in others):
-                return grouped_mm_with_tangent(func, args, kwargs)
-        if func not in (F.linear, torch.addmm) or torch.is_autocast_enabled(args[0].device.type):
-            return func(*args, **kwargs)  # autocast casts inside the native ops only: keep them (bf16, fp16)
-        if func is F.linear and not kwargs:
-            x, weight, bias = (*args, None)[:3] if len(args) == 2 else args
-            if _has_tangent(x) and not _has_tangent(weight) and not _has_tangent(bias):
-                return Affine.apply(x, weight, bias, True)
-        elif func is torch.addmm and not kwargs and len(args) == 3:
-            bias, x, weight = args
-            if _has_tangent(x) and not _has_tangent(weight) and not _has_tangent(bias):
-                return Affine.apply(x, weight, bias, False)
+        try:
+            kernel = _ROUTED[func]
+        except KeyError:
+            kernel = _KERNELS.get(func) or (_grouped_mm if _is_grouped_mm(func) else None)
+            if len(_ROUTED) < 4096:  # torch's functions, a bounded set; the bound only guards against surprises
+                _ROUTED[func] = kernel
+        except TypeError:  # not hashable: not one of ours
+            kernel = None
+        if kernel is not None:
+            out = kernel(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def estimating_kernels(model):
-    """Inside: `model`'s attention on `attention_forward` (its own implementation restored after), linear
-    layers on `Affine`, grouped matmuls with their tangent, and the modules of `JVP_MODULES` on their
-    forward with a jvp (their own restored after)."""
+    """Inside: `model`'s attention on `attention_forward` (its own implementation restored after), the ops
+    of `_KERNELS` and grouped matmuls on their kernels, and the modules of `JVP_MODULES` on their forward
+    with an explicit jvp (their own restored after)."""
     config = getattr(model, "config", None)
     chosen = getattr(config, "_attn_implementation", None)
     switch = chosen is not None and hasattr(model, "_can_set_attn_implementation") and model._can_set_attn_implementation()
@@ -237,7 +351,7 @@ def estimating_kernels(model):
     if switch:
         model.set_attn_implementation(ATTENTION)
     for module in swapped:
-        module.forward = JVP_MODULES[type(module).__name__]  # an instance attribute: the class's stays
+        module.forward = JVP_MODULES[type(module).__name__](module.forward)  # on the instance: the class's stays
     try:
         with sdpa_kernel(SDPBackend.MATH), _EstimatingOps():  # MATH: models that call SDPA directly
             yield
