@@ -189,9 +189,9 @@ def test_run_wikitext_rule_defaults_apply_unless_given(tmp_path):
     spec.loader.exec_module(run_wikitext)
     out = ["--output_dir", str(tmp_path)]
     _, _, train = run_wikitext.parse_args(out)  # rule 'dfa' by default
-    assert (train.rule, train.error_point, train.block_lr_scale) == ("dfa", "residual", 0.03)
+    assert (train.rule, train.feedback_init, train.block_lr_scale) == ("dfa", "identity", 0.3)
     _, _, train = run_wikitext.parse_args([*out, "--rule", "grape", "--block_lr_scale", "0.5"])
-    assert (train.error_point, train.block_lr_scale, train.grape_lr, train.grape_smoothing) == ("residual", 0.5,
-                                                                                                 0.1, "ema")
+    assert (train.feedback_init, train.block_lr_scale, train.grape_lr, train.grape_smoothing) == ("normal", 0.5,
+                                                                                                  0.1, "ema")
     _, _, train = run_wikitext.parse_args([*out, "--rule", "bp"])
     assert (train.error_point, train.block_lr_scale) == (None, 1.0)

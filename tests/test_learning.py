@@ -58,6 +58,7 @@ def test_grape_aligns_better_and_trains_faster_than_dfa(corpus, tmp_path):
 
 @pytest.mark.parametrize("rule, options, margin", [
     ("dfa", dict(block_lr_scale=0.03), 0.08),  # measured: 5.34 against 5.52 frozen (2 x 64, 300 steps, seed 0)
+    ("dfa", dict(feedback_init="identity", block_lr_scale=0.3), 0.2),  # measured: 4.94 against 5.26 frozen
     ("grape", dict(block_lr_scale=0.1, grape_lr=0.1, grape_smoothing="ema"), 0.2),  # 4.79 against 5.24; BP 4.79
 ])
 def test_block_updates_help_with_the_learning_configuration(corpus, tmp_path, rule, options, margin):
