@@ -186,34 +186,6 @@ def _layer_norm(func, args, kwargs):
     return _joined(out, tangent)
 
 
-def _gelu(func, args, kwargs):
-    """`F.gelu(x, approximate)`: tangent `gelu'(x) t`, by `gelu_backward`."""
-    values = _arguments(args, kwargs, ("input", "approximate"), ("none",))
-    if values is None:
-        return NotImplemented
-    (x, t), approximate = _split(values[0]), values[1]
-    if t is None:
-        return NotImplemented
-    out = func(x, approximate=approximate)
-    with torch.no_grad():
-        tangent = torch.ops.aten.gelu_backward.default(t, x, approximate=approximate)
-    return _joined(out, tangent)
-
-
-def _silu(func, args, kwargs):
-    """`F.silu(x)` (not in place): tangent `silu'(x) t`, by `silu_backward`."""
-    values = _arguments(args, kwargs, ("input", "inplace"), (False,))
-    if values is None or values[1]:
-        return NotImplemented
-    x, t = _split(values[0])
-    if t is None:
-        return NotImplemented
-    out = func(x)
-    with torch.no_grad():
-        tangent = torch.ops.aten.silu_backward.default(t, x)
-    return _joined(out, tangent)
-
-
 def elementwise_with_tangent(forward, derivative, x: torch.Tensor) -> torch.Tensor:
     """`forward(x)` for an elementwise `forward` with `derivative(t, x) = forward'(x) t`: `forward` runs on
     the primal (its own values and backward), the tangent comes from `derivative` without history."""
@@ -226,7 +198,25 @@ def elementwise_with_tangent(forward, derivative, x: torch.Tensor) -> torch.Tens
     return _joined(out, tangent)
 
 
-# Elementwise op -> its Python derivative `(t, x) -> f'(x) t`: the same function as the op's own.
+def _gelu(func, args, kwargs):
+    """`F.gelu(x, approximate)`: tangent `gelu'(x) t`, by `gelu_backward`."""
+    values = _arguments(args, kwargs, ("input", "approximate"), ("none",))
+    if values is None or not _has_tangent(values[0]):
+        return NotImplemented
+    approximate = values[1]
+    return elementwise_with_tangent(functools.partial(func, approximate=approximate), functools.partial(
+        torch.ops.aten.gelu_backward.default, approximate=approximate), values[0])
+
+
+def _silu(func, args, kwargs):
+    """`F.silu(x)` (not in place): tangent `silu'(x) t`, by `silu_backward`."""
+    values = _arguments(args, kwargs, ("input", "inplace"), (False,))
+    if values is None or values[1] or not _has_tangent(values[0]):
+        return NotImplemented
+    return elementwise_with_tangent(func, torch.ops.aten.silu_backward.default, values[0])
+
+
+# The derivative of GPT-2's tanh GELU, `(t, x) -> gelu'(x) t`: the op's own backward kernel.
 _TANH_GELU = functools.partial(torch.ops.aten.gelu_backward.default, approximate="tanh")
 
 
