@@ -14,6 +14,7 @@ read by `LossGrad` in the same backward.
 
 import torch
 
+from ..direct.matrices import position_weights
 from ..direct.placement import resolve_placement
 from .dfa import DFA
 
@@ -46,7 +47,7 @@ class Target:
         target = torch.nn.functional.one_hot(labels.to(error.device), error.shape[-1]).to(error.dtype)
         if error.dim() == 3:
             read = error.ne(0).any(-1).to(error.dtype)  # (N, S): the positions the pooled loss depends on
-            target = target[:, None, :] * (read / read.sum(1, keepdim=True).clamp(min=1))[..., None]
+            target = target[:, None, :] * position_weights(read)[..., None]
         return target * scale / len(labels)
 
 
