@@ -16,13 +16,12 @@ the block below it (FSDP's memory savings kept).
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from launch import launch_workers
 from tiny_models import VOCAB, image_batch, tiny_gpt2, tiny_llama, tiny_vit
 
 from grape_hf import GrapeTrainingArguments
@@ -149,15 +148,7 @@ def worker(output: str) -> None:
 def launched(tmp_path_factory):
     """Run the worker in PROCESSES real processes (gloo on CPU); the folder of their records."""
     output = tmp_path_factory.mktemp("fsdp")
-    with socket.socket() as probe:  # a free port: other test runs may launch processes at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), __file__, str(output)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    launch_workers(__file__, output, PROCESSES)
     return output
 
 
