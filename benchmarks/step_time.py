@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                      # GPT-2 (4 x 256, seq 128, batch 8) and a ViT, CPU-sized
     python benchmarks/step_time.py --model gpt2 --n_layer 6 --d_model 512 --batch 16 --rounds 5
     OMP_NUM_THREADS=1 python benchmarks/step_time.py --critical_path   # DFA's backward as independent segments
+    python benchmarks/step_time.py --parallel_backward 2                 # ... run on 2 threads, in wall time
 
 Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
 optimizer step, i.e. what training costs. The variants run in rounds of blocks of steps, so drift
@@ -16,6 +17,8 @@ whole backward (sequential, as today), the part above the tap alone (loss, head,
 `TAP` source of `Rule.isolating`) and each point's backward alone (`Rule.isolating(point)`: the head
 part, the projection `B_k e` and that segment), next to BP's backward on the same model and batch.
 The ideal parallel backward is the head part plus the slowest segment (its projection included).
+`--parallel_backward N` runs it: the backward's wall time with the segments on N threads
+(`GrapeTrainingArguments.parallel_backward`), against BP and DFA's one backward on N intra-op threads.
 Memory: on CUDA the allocator's peak; on CPU the bytes of the tensors saved for backward that are
 still alive when the forward ends (the activations, where the rules differ; weights and optimizer
 state are the same for all), measured in a separate untimed forward.
@@ -190,6 +193,52 @@ def critical_path(flags) -> None:
     print("| ms | " + " | ".join(f"{t * 1e3:.1f}" for t in segments.values()) + " |")
 
 
+def wall_backward(trainer, batch, threads: int, repeats: int) -> list[float]:
+    """Wall seconds of `loss.backward()` after each of `repeats` fresh training forwards (the segment threads
+    free each segment's graph as they go, so a graph cannot be timed twice), with `threads` intra-op threads."""
+    torch.set_num_threads(threads)
+    times = []
+    for _ in range(repeats):
+        loss = trainer.compute_loss(trainer.model, batch)
+        start = time.perf_counter()
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        trainer.model.zero_grad(set_to_none=True)
+    return times
+
+
+def parallel_backward(flags) -> None:
+    """BP's and DFA's backward in wall time on `flags.parallel_backward` cores: BP and DFA's one backward with
+    that many intra-op threads (and with one), against DFA with `parallel_backward` segment threads of one
+    intra-op thread each; in rounds, so that other jobs on the machine hit all alike."""
+    cores = flags.parallel_backward
+    variants = {  # name -> (trainer overrides, intra-op threads)
+        "BP, 1 thread": (dict(rule="bp"), 1),
+        f"BP, {cores} threads": (dict(rule="bp"), cores),
+        "DFA one backward, 1 thread": (dict(rule="dfa"), 1),
+        f"DFA one backward, {cores} threads": (dict(rule="dfa"), cores),
+        f"DFA parallel_backward={cores}, 1 thread each": (dict(rule="dfa", parallel_backward=cores), 1),
+    }
+    times = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as out:
+        trainers = {name: make_trainer(flags, overrides, out) for name, (overrides, _) in variants.items()}
+        for trainer, _ in trainers.values():
+            trainer.model.train()
+        for _ in range(flags.rounds):
+            for name, (_, threads) in variants.items():
+                wall_backward(*trainers[name], threads, 1)  # warm-up
+                times[name] += wall_backward(*trainers[name], threads, flags.block)
+        for trainer, _ in trainers.values():
+            trainer.feedback is not None and trainer.feedback.remove()
+    reference = statistics.median(times[f"BP, {cores} threads"])
+    print(f"\n{flags.model} {flags.setting} backward, wall time on {cores} cores ({flags.rounds} x {flags.block} "
+          f"backwards each, median; x BP on {cores} threads)")
+    print("| backward | median (ms) | x BP |\n|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median * 1e3:.1f} | {median / reference:.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["gpt2", "vit", "both"], default="both")
@@ -207,11 +256,17 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--critical_path", action="store_true",
                         help="time DFA's backward segment by segment instead of the training steps")
+    parser.add_argument("--parallel_backward", type=int, default=0, metavar="CORES",
+                        help="time the backward in wall time on CORES cores: BP and DFA's one backward against DFA "
+                             "with parallel_backward=CORES (the segments' backwards on threads)")
     flags = parser.parse_args()
     hf_logging.set_verbosity_error()
     for model in (["gpt2", "vit"] if flags.model == "both" else [flags.model]):
         flags.model = model
-        critical_path(flags) if flags.critical_path else run(flags)
+        if flags.parallel_backward:
+            parallel_backward(flags)
+        else:
+            critical_path(flags) if flags.critical_path else run(flags)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,12 @@ class GrapeTrainingArguments(TrainingArguments):
         "Every N optimizer steps, log the true alignment: cos(B_k e, true dL/dh_k) per point, from one extra BP "
         "forward and backward on the current batch (0: off). Under DFA, also cos(B_k, T_k) with a Jacobian estimate.")
 
+    parallel_backward: int = rule_field(
+        0, DIRECT_RULES,
+        "Layer-parallel backward: run the feedback segments' local backwards (independent once the error is known) "
+        "on this many CPU threads at once instead of one after another (0: off). The same gradients (README, "
+        "Speed); CPU and one process only. Give each thread its cores: OMP_NUM_THREADS x parallel_backward <= cores.")
+
     # GrAPE ------------------------------------------------------------------------------------
     grape_lr: float = rule_field(
         1e-3, ("grape",),
@@ -247,6 +253,8 @@ class GrapeTrainingArguments(TrainingArguments):
                                            ">= 0 (1: the blocks at learning_rate; 0: frozen)")
         self.alignment_probe_steps = check_number("alignment_probe_steps", self.alignment_probe_steps,
                                                   lambda v: v >= 0, ">= 0 (0: off)", integer=True)
+        self.parallel_backward = check_number("parallel_backward", self.parallel_backward, lambda v: v >= 0,
+                                              ">= 0 (0: off)", integer=True)
         self.bp_calibration_steps = check_number("bp_calibration_steps", self.bp_calibration_steps,
                                                  lambda v: v >= 0, ">= 0 (0: never)", integer=True)
         if self.feedback_seed is not None:

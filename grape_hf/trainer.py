@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 
-from .arguments import GrapeTrainingArguments
+from .arguments import DIRECT_RULES, GrapeTrainingArguments
 from .callbacks import AlignmentPlotCallback, EndFeedbackStepCallback
 from .checkpoint import load_feedback, save_feedback
 from .diagnostics.audit import LocalityReport, audit_network, check_reached
@@ -60,6 +60,8 @@ class GrapeTrainer(Trainer):
                 "and ZeRO-3 re-gathers parameters from the very tensors the feedback points detach (as FSDP does). "
                 "Use data parallelism without DeepSpeed (accelerate launch --multi_gpu, DDP), or rule='bp'."
             )
+        if args.parallel_backward and args.rule in DIRECT_RULES:
+            self._check_parallel_backward()
         if args.rule != "bp" and (args.torch_compile or isinstance(self.model, torch._dynamo.OptimizedModule)):
             raise NotImplementedError(
                 f"torch.compile does not work with rule={args.rule!r}: a compiled graph does not run the rule's "
@@ -72,6 +74,20 @@ class GrapeTrainer(Trainer):
             self.add_callback(EndFeedbackStepCallback(self))
         if self.model_init is None:  # with model_init, call_model_init installs it on each new model
             self._install_feedback(self.model)
+
+    def _check_parallel_backward(self) -> None:
+        """Refuse `parallel_backward` where its threads would not run the segments side by side or would break
+        the gradients' reduction: off CPU, and with more than one process."""
+        problem = None
+        if self.args.device.type != "cpu":
+            problem = (f"it runs on CPU threads, and on {self.args.device.type} the autograd engine runs every "
+                       "backward of a device on one thread (README, Speed: one CUDA stream per segment would)")
+        elif self.args.world_size > 1 or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            problem = ("several processes reduce the gradients from hooks that one backward per step must fire "
+                       "(DDP's reducer, FSDP), and the segments' backwards are separate calls")
+        if problem is not None:
+            raise ValueError(f"parallel_backward={self.args.parallel_backward} does not work here: {problem}. "
+                             "Set parallel_backward=0.")
 
     def _install_feedback(self, model) -> None:
         if self.feedback is not None:

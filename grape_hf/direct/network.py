@@ -19,7 +19,9 @@ rule state; its modes are context managers that its rule enters:
 - `estimating(draw)`: inside `forward_ad.dual_level()`, each point adds `u_k = draw(name, h_k)` to
   the forward tangent while cutting the backward path, cuts keep tangents, and the tap keeps the
   tangent `d = sum_k J_k u_k` that reaches it and hands the head a tangent-free `z` (GrAPE);
-- `isolating(source)`: the tap's backward lets only one source through (the locality audit).
+- `isolating(source)`: the tap's backward lets only one source through (the locality audit);
+- `segments_in_parallel()`: with `parallel_backward` threads, the tap of a training forward hands the
+  segments' local backwards to them (`parallel.py`) instead of to the engine.
 """
 
 import contextlib
@@ -32,6 +34,7 @@ from torch import nn
 
 from ..fsdp import ShardedFeedback, is_fully_sharded
 from .matrices import FeedbackMatrices, broadcasts, point_features, real_positions
+from .parallel import SegmentThreads
 from .placement import EMBEDDINGS, Placement
 
 TAP = "error tap"  # source name of the tap's own error in audits
@@ -86,12 +89,15 @@ class ErrorTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, network: "FeedbackNetwork", names: tuple[str, ...], signal, positions: tuple,
-                z: torch.Tensor, *points: torch.Tensor):
+                segments: tuple | None, z: torch.Tensor, *points: torch.Tensor):
         ctx.network = network
         ctx.names = names
         ctx.signal = signal
         ctx.positions = positions
-        ctx.point_meta = [(p.shape, p.dtype) for p in points]
+        # `segments`: the point tensors when the segments run on threads (`direct/parallel.py`); not inputs
+        # then, so the engine never reaches the segments itself (`points` is the threads' `anchor` alone).
+        ctx.segments = segments
+        ctx.point_meta = [(p.shape, p.dtype) for p in (points if segments is None else segments)]
         return z.view_as(z)
 
     @staticmethod
@@ -101,9 +107,13 @@ class ErrorTap(torch.autograd.Function):
         signal = ctx.signal(error)
         feedback = []
         for i, (name, (shape, dtype), positions) in enumerate(zip(ctx.names, ctx.point_meta, ctx.positions)):
-            wanted = ctx.needs_input_grad[5 + i] and only in (None, name)
+            wanted = (ctx.segments is not None or ctx.needs_input_grad[6 + i]) and only in (None, name)
             feedback.append(network.matrices.project(name, signal, shape, dtype, positions) if wanted else None)
-        return (None, None, None, None, error if only in (None, TAP) else None, *feedback)
+        if ctx.segments is not None:
+            segments, ctx.segments = ctx.segments, None  # their graphs go once their backward has run
+            network.segment_threads.backward(list(segments), feedback)
+            feedback = [None]  # for the anchor
+        return (None, None, None, None, None, error if only in (None, TAP) else None, *feedback)
 
 
 def _output_tensor(output, name: str) -> torch.Tensor:
@@ -154,17 +164,22 @@ class FeedbackNetwork:
         hook: keeps a hook handle (`Rule.hook`).
         make_signal: called at the tap of each training forward; returns the function that maps the
             error `e` (*lead, error_features) to what the matrices project (default: `e` itself).
+        parallel_backward: threads that run the segments' local backwards at once (0: none, the engine
+            runs them as one backward).
 
     Attributes:
         isolated: None in training; inside `isolating(source)`, the one source the tap lets through.
+        segment_threads: the `SegmentThreads` of `parallel_backward`, or None.
     """
 
     def __init__(self, model: nn.Module, placement: Placement, matrices: FeedbackMatrices, hook,
-                 make_signal=None):
+                 make_signal=None, parallel_backward: int = 0):
         self.placement = placement
         self.matrices = matrices
         self.make_signal = make_signal
         self.isolated: str | None = None
+        self.segment_threads = SegmentThreads(parallel_backward) if parallel_backward else None
+        self._parallel = False  # inside `segments_in_parallel`
         self.taps = 0  # training forwards that reached the tap, so a rule can tell one that did not
         self._mode: Observation | Estimate | str | None = None
         self._recorded: dict[str, torch.Tensor] = {}
@@ -186,6 +201,12 @@ class FeedbackNetwork:
     def clear(self) -> None:
         """Drop the tensors of a forward that stopped before the tap."""
         self._recorded.clear()
+
+    def close(self) -> None:
+        """Drop the recorded tensors and stop the segment threads (the rule is removed)."""
+        self.clear()
+        if self.segment_threads is not None:
+            self.segment_threads.close()
 
     def pending(self) -> list[str]:
         """The points recorded in this forward that have not reached the tap (yet)."""
@@ -223,6 +244,17 @@ class FeedbackNetwork:
             yield
         finally:
             self.isolated = None
+
+    @contextlib.contextmanager
+    def segments_in_parallel(self):
+        """Inside, with `segment_threads`, the tap hands the segments' backwards to the threads (for the
+        training forwards: a forward whose backward must return the gradients, as the locality audit's
+        `torch.autograd.grad` does, stays outside). Without threads it changes nothing."""
+        self._parallel = self.segment_threads is not None
+        try:
+            yield
+        finally:
+            self._parallel = False
 
     # Hooks -----------------------------------------------------------------------------------
     def _active(self) -> bool:
@@ -309,7 +341,9 @@ class FeedbackNetwork:
         for name, point in zip(names, points):
             self.matrix_for(name, point, z)
         positions = tuple(self.positions(point.shape, z) for point in points)
-        return ErrorTap.apply(self, names, signal, positions, z, *points)
+        if self._parallel:
+            return ErrorTap.apply(self, names, signal, positions, tuple(points), z, self.segment_threads.anchor)
+        return ErrorTap.apply(self, names, signal, positions, None, z, *points)
 
     def positions(self, point_shape: torch.Size, z: torch.Tensor) -> torch.Tensor | None:
         """`matrices.real_positions` of a point of `point_shape` under the error `z`, with this forward's

@@ -48,7 +48,8 @@ class DFA(Rule):
         self.point_names = self.placement.point_names
         self.head = self.placement.head
         self.error_point = self.placement.error_point
-        self.network = FeedbackNetwork(model, self.placement, self.matrices, self.hook, self.signal_for_forward)
+        self.network = FeedbackNetwork(model, self.placement, self.matrices, self.hook, self.signal_for_forward,
+                                       args.parallel_backward)
         self.alignment = args.grape_alignment
         self.estimate_steps = self.estimate_every(args)
         self.estimator = JacobianEstimator(self.network, args.feedback_seed) if self.estimate_steps else None
@@ -62,7 +63,7 @@ class DFA(Rule):
 
     def remove(self) -> None:
         super().remove()
-        self.network.clear()
+        self.network.close()
 
     def forward(self, forward, inputs, step, first_micro_batch):
         """The hooked forward; on the probe's steps (first micro-batch), with a measuring-only estimate."""
@@ -76,10 +77,12 @@ class DFA(Rule):
     def checked(self, forward):
         """`forward`, raising when its feedback points did not all reach the error tap after them: then
         their segments would not train (e.g. a loss computed from the hidden states with the head's
-        weight, never calling the head, or a head placed before the points)."""
+        weight, never calling the head, or a head placed before the points). With `parallel_backward`, the
+        segments' backwards of this forward run on threads (`FeedbackNetwork.segments_in_parallel`)."""
         def run(inputs):
             taps = self.network.taps
-            result = forward(inputs)
+            with self.network.segments_in_parallel():
+                result = forward(inputs)
             pending = self.network.pending()
             if self.network.taps == taps or pending:
                 self.network.clear()

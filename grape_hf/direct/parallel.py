@@ -1,0 +1,91 @@
+"""The layer-parallel backward (`parallel_backward`): the segments' local backwards at the same time.
+
+Once the error tap has `e`, every segment's backward is independent of the others: it needs only
+`B_k e` and its own saved tensors (that is DFA's reason to exist). The autograd engine still runs
+them one after another, as one backward. With `parallel_backward=N`, the tap's backward instead hands
+each segment (its recorded point tensors, not inputs of the tap, so the engine never reaches them) to
+one of N threads, each calling `torch.autograd.backward` on its segments, and returns once all are
+done. On CPU the engine runs a backward on the thread that calls it, so the segments really run side
+by side, and each parameter receives exactly the sequential backward's gradient
+(`tests/test_parallel_backward.py`, bitwise; a parameter shared with the head, such as GPT-2's tied
+embedding, under gradient accumulation adds its two contributions in another order). On CUDA the engine
+runs every backward of a device on one thread, so threads would gain nothing there (the segments
+would need one CUDA stream each: README, "Speed"); `GrapeTrainer` refuses it there.
+
+Points whose backward graphs share a node (the one input norm of parallel branches,
+`Placement.shared`, or a weight tied across segments) go to one thread together: two threads must
+not run one node, and the shared node must sum its gradients before its own backward, as in the
+sequential backward.
+"""
+
+import concurrent.futures
+
+import torch
+
+
+def _node_key(node):
+    # A leaf's gradient accumulator is keyed by the leaf itself: two segments reaching one weight share it.
+    variable = getattr(node, "variable", None)
+    return ("leaf", id(variable)) if variable is not None else node
+
+
+def independent_groups(points: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `points` (tensors with a backward graph) grouped so that no node of the graph, nor any
+    leaf, is reached from two groups; in the order of their first point."""
+    parent = list(range(len(points)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict = {}  # node key -> index of the first point whose graph reached it
+    for i, point in enumerate(points):
+        stack, seen = [point.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            first = owner.setdefault(_node_key(node), i)
+            if root(first) != root(i):
+                parent[root(first)] = root(i)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(points)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+class SegmentThreads:
+    """`threads` worker threads that run the segments' local backwards (see the module docstring).
+
+    Attributes:
+        threads: the number of threads.
+        anchor: a leaf that requires grad, the tap's one tensor input besides `z` in place of the points, so
+            that the tap's backward runs even where `z` has no gradient path of its own (the residual stream,
+            `error_point='residual'`, is cut at every block); it never receives a gradient.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.anchor = torch.zeros((), requires_grad=True)
+        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="grape-segment")
+
+    def backward(self, points: list[torch.Tensor], feedback: list[torch.Tensor | None]) -> None:
+        """Run `torch.autograd.backward(points[i], feedback[i])` for every point with feedback, the
+        independent groups of points on the threads at once; returns when all are done, raising the first
+        error of any."""
+        wanted = [i for i, grad in enumerate(feedback) if grad is not None]
+        groups = independent_groups([points[i] for i in wanted])
+        futures = [self._executor.submit(torch.autograd.backward, [points[wanted[j]] for j in group],
+                                         [feedback[wanted[j]] for j in group])
+                   for group in groups]
+        concurrent.futures.wait(futures)
+        for future in futures:
+            future.result()  # raises that group's error, once every group has stopped
+
+    def close(self) -> None:
+        """Stop the threads (after the running backwards)."""
+        self._executor.shutdown(wait=True)
