@@ -57,6 +57,14 @@ def test_threads_give_the_sequential_gradients(case, setting, rule):
     assert not differ, f"gradients differ with threads: {differ}"
 
 
+@pytest.mark.parametrize("setting", ["macro", "micro"])
+def test_drtp_threads_give_the_sequential_gradients(setting):
+    model = tiny_vit()
+    sequential = step_gradients(copy.deepcopy(model), image_batch(), "drtp", setting, threads=0)
+    threaded = step_gradients(copy.deepcopy(model), image_batch(), "drtp", setting, threads=2)
+    assert all(torch.equal(sequential[name], threaded[name]) for name in sequential)
+
+
 def test_points_sharing_an_input_norm_are_one_group():
     """Phi micro: each block's attention and MLP branches read one norm, so they are one group; the
     embeddings' point and the blocks' are independent."""

@@ -105,15 +105,18 @@ class ErrorTap(torch.autograd.Function):
         network = ctx.network
         only = network.isolated  # None in training; one source name during the locality audit
         signal = ctx.signal(error)
-        feedback = []
-        for i, (name, (shape, dtype), positions) in enumerate(zip(ctx.names, ctx.point_meta, ctx.positions)):
-            wanted = (ctx.segments is not None or ctx.needs_input_grad[6 + i]) and only in (None, name)
-            feedback.append(network.matrices.project(name, signal, shape, dtype, positions) if wanted else None)
-        if ctx.segments is not None:
-            segments, ctx.segments = ctx.segments, None  # their graphs go once their backward has run
-            network.segment_threads.backward(list(segments), feedback)
-            feedback = [None]  # for the anchor
-        return (None, None, None, None, None, error if only in (None, TAP) else None, *feedback)
+        segments, ctx.segments = ctx.segments, None  # their graphs go once their backward has run
+
+        def feedback(i: int) -> torch.Tensor | None:
+            name, (shape, dtype) = ctx.names[i], ctx.point_meta[i]
+            wanted = (segments is not None or ctx.needs_input_grad[6 + i]) and only in (None, name)
+            return network.matrices.project(name, signal, shape, dtype, ctx.positions[i]) if wanted else None
+
+        error = error if only in (None, TAP) else None
+        if segments is None:
+            return (None, None, None, None, None, error, *map(feedback, range(len(ctx.names))))
+        network.segment_threads.backward(list(segments), feedback)
+        return None, None, None, None, None, error, None  # nothing for the anchor
 
 
 def _output_tensor(output, name: str) -> torch.Tensor:

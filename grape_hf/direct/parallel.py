@@ -73,15 +73,16 @@ class SegmentThreads:
         self.anchor = torch.zeros((), requires_grad=True)
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="grape-segment")
 
-    def backward(self, points: list[torch.Tensor], feedback: list[torch.Tensor | None]) -> None:
-        """Run `torch.autograd.backward(points[i], feedback[i])` for every point with feedback, the
-        independent groups of points on the threads at once; returns when all are done, raising the first
-        error of any."""
-        wanted = [i for i, grad in enumerate(feedback) if grad is not None]
-        groups = independent_groups([points[i] for i in wanted])
-        futures = [self._executor.submit(torch.autograd.backward, [points[wanted[j]] for j in group],
-                                         [feedback[wanted[j]] for j in group])
-                   for group in groups]
+    def backward(self, points: list[torch.Tensor], feedback) -> None:
+        """For every point i, `torch.autograd.backward(points[i], feedback(i))` (no backward where `feedback(i)`
+        is None), each group of points sharing a graph node on one thread, the groups at once (each thread
+        computes its own points' feedback, `B_k e`, too); returns when all are done, raising the first error."""
+        def run(group: list[int]) -> None:
+            pairs = [(points[i], grad) for i in group if (grad := feedback(i)) is not None]
+            if pairs:
+                torch.autograd.backward(*zip(*pairs))
+
+        futures = [self._executor.submit(run, group) for group in independent_groups(points)]
         concurrent.futures.wait(futures)
         for future in futures:
             future.result()  # raises that group's error, once every group has stopped
