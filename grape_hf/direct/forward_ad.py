@@ -44,15 +44,36 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 ATTENTION = "grape_forward_ad"  # name registered with transformers' attention and mask interfaces
 
 
+def _unpack(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(primal, tangent or None) of `tensor` at the current forward-AD level, as `fwAD.unpack_dual`, without
+    its Python wrapper (an export check and an import per call: 7-14 us, a few hundred calls a forward)."""
+    level = fwAD._current_level
+    return (tensor, None) if level < 0 else torch._unpack_dual(tensor, level)
+
+
 def _joined(out: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tensor:
     """`out` (with its autograd graph) carrying `tangent` (no history) as its forward-AD tangent; with grad
-    mode on (`make_dual` under `no_grad` would cut `out` from its graph)."""
+    mode on (`make_dual` under `no_grad` would cut `out` from its graph). `torch._make_dual` is what
+    `fwAD.make_dual` runs after its checks (floating point: the kernels' outputs are) and its one-time load
+    of torch's jvp decompositions (`estimating_kernels` makes sure of it)."""
     if tangent is None:
         return out
-    return fwAD.make_dual(out, tangent if tangent.dtype == out.dtype else tangent.to(out.dtype))
+    return torch._make_dual(out, tangent if tangent.dtype == out.dtype else tangent.to(out.dtype),
+                            level=fwAD._current_level)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
+    """`eager_attention_with_tangent`; inside `estimating_kernels`, with its op routing off: none of its ops
+    is routed, and routing each of them (about 45 torch calls) through Python cost about 0.2 ms a layer."""
+    if isinstance(torch.overrides._get_current_function_mode(), _EstimatingOps):
+        with torch.overrides._pop_mode_temporarily():
+            return eager_attention_with_tangent(module, query, key, value, attention_mask, scaling, dropout,
+                                                is_causal)
+    return eager_attention_with_tangent(module, query, key, value, attention_mask, scaling, dropout, is_causal)
+
+
+def eager_attention_with_tangent(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                 is_causal=None):
     """Eager attention, in transformers' `AttentionInterface` signature, on dual or plain tensors.
 
     The primal is eager attention on the primals (softmax in at least float32, as eager attention does
@@ -69,7 +90,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         (batch, q_len, heads, head_dim) output (dual when an input is) and the (batch, heads, q_len, kv_len)
         attention weights (after dropout, without tangent).
     """
-    (q, dq), (k, dk), (v, dv) = (fwAD.unpack_dual(a) for a in (query, key, value))
+    (q, dq), (k, dk), (v, dv) = (_unpack(a) for a in (query, key, value))
     batch, heads, q_len, head_dim = q.shape
     groups = heads // k.shape[1]
     # Matmuls on (batch * heads) batches of contiguous copies, each made once and shared by the primal and
@@ -131,7 +152,7 @@ def _arguments(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tupl
 
 def _split(value) -> tuple:
     """(primal, tangent) of a dual tensor; (value, None) for anything else."""
-    return fwAD.unpack_dual(value) if isinstance(value, torch.Tensor) else (value, None)
+    return _unpack(value) if isinstance(value, torch.Tensor) else (value, None)
 
 
 def _constant(value) -> bool:
@@ -189,7 +210,7 @@ def _layer_norm(func, args, kwargs):
 def elementwise_with_tangent(forward, derivative, x: torch.Tensor) -> torch.Tensor:
     """`forward(x)` for an elementwise `forward` with `derivative(t, x) = forward'(x) t`: `forward` runs on
     the primal (its own values and backward), the tangent comes from `derivative` without history."""
-    primal, tangent = fwAD.unpack_dual(x)
+    primal, tangent = _unpack(x)
     if tangent is None:
         return forward(x)
     out = forward(primal)
@@ -221,7 +242,7 @@ _TANH_GELU = functools.partial(torch.ops.aten.gelu_backward.default, approximate
 
 
 def _has_tangent(tensor) -> bool:
-    return isinstance(tensor, torch.Tensor) and fwAD.unpack_dual(tensor).tangent is not None
+    return isinstance(tensor, torch.Tensor) and _unpack(tensor)[1] is not None
 
 
 class BloomGelu(torch.autograd.Function):
@@ -338,6 +359,7 @@ def estimating_kernels(model):
     # Not a module whose forward was already replaced on the instance (by its user): that one is theirs.
     swapped = [module for module in model.modules()
                if type(module).__name__ in JVP_MODULES and "forward" not in vars(module)]
+    fwAD._maybe_load_decompositions()  # what `fwAD.make_dual` does first, which `_joined` skips
     if switch:
         model.set_attn_implementation(ATTENTION)
     for module in swapped:
