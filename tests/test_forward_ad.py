@@ -235,6 +235,21 @@ def test_attention_matches_torch_values_gradients_and_tangents(case):
         torch.testing.assert_close(a, b)
 
 
+def test_attention_inside_the_kernels_leaves_the_op_routing_on():
+    """Attention runs with the op routing off (none of its ops is routed); the ops after it are routed again."""
+    from grape_hf.direct.forward_ad import _EstimatingOps
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, tq, tk, tv = torch.randn(6, 1, 2, 3, 4, generator=g).unbind(0)
+    weight = nn.Parameter(torch.randn(5, 4, generator=g))
+    with fwAD.dual_level(), estimating_kernels(nn.Identity()):
+        out = attention_forward(Attention(causal=True), *map(fwAD.make_dual, (q, k, v), (tq, tk, tv)), None)[0]
+        assert isinstance(torch.overrides._get_current_function_mode(), _EstimatingOps)
+        tangent, out_tangent = fwAD.unpack_dual(F.linear(out, weight)).tangent, fwAD.unpack_dual(out).tangent
+    assert not tangent.requires_grad  # the linear kernel ran, not torch's own formula
+    torch.testing.assert_close(tangent, out_tangent @ weight.detach().T)
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_estimating_forward_restores_attention(tmp_path, implementation):
     model = tiny_gpt2()
