@@ -217,7 +217,7 @@ def parallel_backward(flags) -> None:
         f"BP, {cores} threads": (dict(rule="bp"), cores),
         "DFA one backward, 1 thread": (dict(rule="dfa"), 1),
         f"DFA one backward, {cores} threads": (dict(rule="dfa"), cores),
-        f"DFA parallel_backward={cores}, 1 thread each": (dict(rule="dfa", parallel_backward=cores), 1),
+        f"DFA parallel_backward={cores}": (dict(rule="dfa", parallel_backward=cores), cores),
     }
     times = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as out:

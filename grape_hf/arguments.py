@@ -174,8 +174,8 @@ class GrapeTrainingArguments(TrainingArguments):
     parallel_backward: int = rule_field(
         0, DIRECT_RULES,
         "Layer-parallel backward: run the feedback segments' local backwards (independent once the error is known) "
-        "on this many CPU threads at once instead of one after another (0: off). The same gradients (README, "
-        "Speed); CPU and one process only. Give each thread its cores: OMP_NUM_THREADS x parallel_backward <= cores.")
+        "on this many CPU threads at once, one intra-op thread each, instead of one after another (0: off). The same "
+        "gradients; CPU and one process only; on 2 cores no faster than torch's own threads (README, Speed).")
 
     # GrAPE ------------------------------------------------------------------------------------
     grape_lr: float = rule_field(

@@ -8,9 +8,11 @@ one of N threads, each calling `torch.autograd.backward` on its segments, and re
 done. On CPU the engine runs a backward on the thread that calls it, so the segments really run side
 by side, and each parameter receives exactly the sequential backward's gradient
 (`tests/test_parallel_backward.py`, bitwise; a parameter shared with the head, such as GPT-2's tied
-embedding, under gradient accumulation adds its two contributions in another order). On CUDA the engine
-runs every backward of a device on one thread, so threads would gain nothing there (the segments
-would need one CUDA stream each: README, "Speed"); `GrapeTrainer` refuses it there.
+embedding, under gradient accumulation adds its two contributions in another order). Each thread uses
+one intra-op thread while they run; on 2 cores that is as fast as the one backward on 2 intra-op
+threads, not faster (README, "Speed"). On CUDA the engine runs every backward of a device on one
+thread, so threads would gain nothing there (the segments would need one CUDA stream each: README,
+"Speed"); `GrapeTrainer` refuses it there.
 
 Points whose backward graphs share a node (the one input norm of parallel branches,
 `Placement.shared`, or a weight tied across segments) go to one thread together: two threads must
@@ -82,8 +84,15 @@ class SegmentThreads:
             if pairs:
                 torch.autograd.backward(*zip(*pairs))
 
-        futures = [self._executor.submit(run, group) for group in independent_groups(points)]
-        concurrent.futures.wait(futures)
+        # One intra-op thread per segment thread while they run (torch's count is global): the part above
+        # the tap, before, and the optimizer step, after, keep the process's threads.
+        intra_op = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            futures = [self._executor.submit(run, group) for group in independent_groups(points)]
+            concurrent.futures.wait(futures)
+        finally:
+            torch.set_num_threads(intra_op)
         for future in futures:
             future.result()  # raises that group's error, once every group has stopped
 
