@@ -114,3 +114,16 @@ def test_trainer_with_threads_trains_as_without(rule, setting, model, data, tmp_
 def test_parallel_backward_must_be_a_count():
     with pytest.raises(ValueError, match="parallel_backward"):
         GrapeTrainingArguments(output_dir="unused", parallel_backward=-1, report_to="none")
+
+
+def test_a_second_backward_through_one_forward_is_refused():
+    model = tiny_gpt2()
+    args = GrapeTrainingArguments(output_dir="unused", rule="dfa", parallel_backward=2, report_to="none", use_cpu=True)
+    rule = RULES["dfa"](model, args)
+    try:
+        loss, _ = rule.training_forward(lambda inputs: (model(**inputs).loss, None), token_batch(), 0, True)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward"):
+            loss.backward()
+    finally:
+        rule.remove()

@@ -97,6 +97,7 @@ class ErrorTap(torch.autograd.Function):
         # `segments`: the point tensors when the segments run on threads (`direct/parallel.py`); not inputs
         # then, so the engine never reaches the segments itself (`points` is the threads' `anchor` alone).
         ctx.segments = segments
+        ctx.parallel = segments is not None
         ctx.point_meta = [(p.shape, p.dtype) for p in (points if segments is None else segments)]
         return z.view_as(z)
 
@@ -106,6 +107,10 @@ class ErrorTap(torch.autograd.Function):
         only = network.isolated  # None in training; one source name during the locality audit
         signal = ctx.signal(error)
         segments, ctx.segments = ctx.segments, None  # their graphs go once their backward has run
+        if ctx.parallel and segments is None:
+            raise RuntimeError("A second backward through one training forward (retain_graph=True) with "
+                               "parallel_backward: the segments' backwards ran in the first and freed their graphs. "
+                               "Run one backward per forward, or set parallel_backward=0.")
 
         def feedback(i: int) -> torch.Tensor | None:
             name, (shape, dtype) = ctx.names[i], ctx.point_meta[i]
@@ -113,7 +118,7 @@ class ErrorTap(torch.autograd.Function):
             return network.matrices.project(name, signal, shape, dtype, ctx.positions[i]) if wanted else None
 
         error = error if only in (None, TAP) else None
-        if segments is None:
+        if not ctx.parallel:
             return (None, None, None, None, None, error, *map(feedback, range(len(ctx.names))))
         network.segment_threads.backward(list(segments), feedback)
         return None, None, None, None, None, error, None  # nothing for the anchor
