@@ -4,6 +4,8 @@ Each case runs one training forward and backward of the same model and batch twi
 backwards handed to the autograd engine (0 threads) and to 2 threads, and compares every parameter's
 gradient bitwise. Phi's parallel attention and MLP branches share one input norm: their points must run
 on one thread together, or the norm's two gradients would never be summed before its backward.
+The segment threads use one intra-op thread each, and CPU reductions (a norm's weight gradient over the
+batch) depend on the thread count, so the one backward they are compared with runs on one thread too.
 """
 
 import copy
@@ -30,6 +32,14 @@ CASES = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def step_gradients(model, batch: dict, rule: str, setting: str, threads: int) -> dict[str, torch.Tensor]:
     """Every parameter's gradient after one training forward and backward of `rule` with `threads`."""
     args = GrapeTrainingArguments(output_dir="unused", rule=rule, setting=setting, parallel_backward=threads,
@@ -46,7 +56,7 @@ def step_gradients(model, batch: dict, rule: str, setting: str, threads: int) ->
 @pytest.mark.parametrize("rule", ["dfa", "grape"])
 @pytest.mark.parametrize("setting", ["macro", "micro"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_threads_give_the_sequential_gradients(case, setting, rule):
+def test_threads_give_the_sequential_gradients(case, setting, rule, one_thread):
     build, batch = CASES[case]
     model = build()
     sequential = step_gradients(copy.deepcopy(model), batch(), rule, setting, threads=0)
@@ -58,7 +68,7 @@ def test_threads_give_the_sequential_gradients(case, setting, rule):
 
 
 @pytest.mark.parametrize("setting", ["macro", "micro"])
-def test_drtp_threads_give_the_sequential_gradients(setting):
+def test_drtp_threads_give_the_sequential_gradients(setting, one_thread):
     model = tiny_vit()
     sequential = step_gradients(copy.deepcopy(model), image_batch(), "drtp", setting, threads=0)
     threaded = step_gradients(copy.deepcopy(model), image_batch(), "drtp", setting, threads=2)

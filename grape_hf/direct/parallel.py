@@ -7,9 +7,10 @@ each segment (its recorded point tensors, not inputs of the tap, so the engine n
 one of N threads, each calling `torch.autograd.backward` on its segments, and returns once all are
 done. On CPU the engine runs a backward on the thread that calls it, so the segments really run side
 by side, and each parameter receives exactly the sequential backward's gradient
-(`tests/test_parallel_backward.py`, bitwise; a parameter shared with the head, such as GPT-2's tied
-embedding, under gradient accumulation adds its two contributions in another order). Each thread uses
-one intra-op thread while they run; on 2 cores that is as fast as the one backward on 2 intra-op
+(`tests/test_parallel_backward.py`: bitwise against the one backward on one intra-op thread, as each
+segment thread uses, since CPU reductions depend on the thread count; a parameter shared with the head,
+such as GPT-2's tied embedding, under gradient accumulation adds its two contributions in another
+order). Each thread uses one intra-op thread while they run; on 2 cores that is as fast as the one backward on 2 intra-op
 threads, not faster (README, "Speed"). On CUDA the engine runs every backward of a device on one
 thread, so threads would gain nothing there (the segments would need one CUDA stream each: README,
 "Speed"); `GrapeTrainer` refuses it there.
