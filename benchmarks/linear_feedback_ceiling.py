@@ -15,9 +15,8 @@ classes, made here and nowhere else (they are not options of the library: the or
   (-> estimate_alignment); the probe's true alignment uses the B_k fitted on the previous step's batch.
   "oracle_norm": true keeps each B_k at the identity's Frobenius norm (sqrt d), as GrAPE's B keeps its
   init norm, to separate direction from scale.
-- spec key "grape_scale": true (rule "grape"): after each update, every B_k is rescaled to the projection of its
-  smoothed target on B_k's direction, <B_k/|B_k|, T_k> (an unbiased estimate of |J_k| cos), so B_k carries
-  the Jacobian's scale as the oracle's least-squares B does (GrAPE keeps the init norm).
+- GrAPE with `"grape_track_scale": true` (a library option since these runs, which used the same
+  rescaling in a patch here) is the scale-tracking row of `benchmarks/results/linear_feedback_ceiling.md`.
 - env LM_LAYERS=n: the shapes' n_layer (depth study).
 """
 
@@ -31,19 +30,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lm_fidelity, b
 import lm_fidelity  # noqa: E402
 
 from grape_hf.rules.dfa import DFA  # noqa: E402
-from grape_hf.rules.grape import GrAPE  # noqa: E402
 
 if os.environ.get("LM_LAYERS"):
     for shape in lm_fidelity.SHAPES.values():
         shape["n_layer"] = int(os.environ["LM_LAYERS"])
 
-ORACLE = {"on": False, "norm": False, "scale": False}
+ORACLE = {"on": False, "norm": False}
 _train_one = lm_fidelity.train_one
 
 
 def train_one(spec, *args, **kwargs):
     ORACLE["on"], ORACLE["norm"] = bool(spec.get("oracle")), bool(spec.get("oracle_norm"))
-    ORACLE["scale"] = bool(spec.get("grape_scale"))
     try:
         return _train_one(spec, *args, **kwargs)
     finally:
@@ -86,22 +83,6 @@ def forward(self, forward, inputs, step, first_micro_batch):
 
 
 DFA.forward = forward
-_update = GrAPE.update
-
-
-def update(self, estimates):
-    made = _update(self, estimates)
-    if made and ORACLE["scale"]:
-        for name, target in self.targets.items():
-            b = self.matrices.tensors[name]
-            unit = b / b.norm()
-            scale = float((unit * target).sum())
-            if scale > 1e-3 * b.shape[0] ** 0.5:  # keep the old norm when the projection is ~0 or negative
-                self.matrices.tensors[name] = unit * scale
-    return made
-
-
-GrAPE.update = update
 
 if __name__ == "__main__":
     sys.exit(lm_fidelity.main())

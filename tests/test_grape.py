@@ -122,6 +122,20 @@ def test_update_raises_cosine_and_keeps_norm(alignment):
     assert previous > 0.9
 
 
+@pytest.mark.parametrize("alignment", ["frobenius", "columns"])
+def test_tracked_scale_reaches_the_target_itself(alignment):
+    """With `grape_track_scale`, B turns towards T and takes T's length along its direction: repeated steps
+    reach T itself (direction and norm); where T points against B, B keeps its norm."""
+    g = torch.Generator().manual_seed(0)
+    matrix, target = torch.randn(48, 16, generator=g), 3 * torch.randn(48, 16, generator=g)
+    for _ in range(400):
+        matrix = align_step(matrix, target, lr=0.05, alignment=alignment, track_scale=True)
+    torch.testing.assert_close(matrix, target, rtol=0, atol=1e-3 * float(target.abs().max()))
+    opposed = align_step(-target, target, lr=0.05, alignment=alignment, track_scale=True)
+    dim = None if alignment == "frobenius" else 0
+    torch.testing.assert_close(opposed.norm(dim=dim), target.norm(dim=dim))
+
+
 def test_dual_forward_keeps_dfa_gradients(tmp_path):
     """With the same B_k, the estimating (dual) forward gives DFA's parameter gradients exactly."""
     model, batch = tiny_gpt2(), token_batch()

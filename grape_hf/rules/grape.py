@@ -28,19 +28,28 @@ from .dfa import ALIGNER, DFA
 logger = logging.getLogger(__name__)
 
 
-def align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float, alignment: str) -> torch.Tensor:
-    """One SGD step on `1 - cos(B, T)` followed by renormalisation; returns the new B (same norms).
+def align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float, alignment: str,
+               track_scale: bool = False) -> torch.Tensor:
+    """One SGD step on `1 - cos(B, T)` followed by renormalisation; returns the new B.
 
     'frobenius': on `B / |B|`, the gradient of `-cos` is `-(T/|T| - cos B/|B|)`; the result is
     rescaled to `|B|`. 'columns': the same for every column on its own, each keeping its norm.
+    With `track_scale`, the new direction `U` (the whole matrix, or each column) gets the norm
+    `<U, T>` instead, the target's length along it (kept as it was where that is not positive),
+    so that B carries the Jacobian's scale as well as its direction.
     """
     dim = None if alignment == "frobenius" else 0
-    norm = matrix.norm(dim=dim, keepdim=dim is not None).clamp_min(EPS)
+    keep = dim is not None
+    norm = matrix.norm(dim=dim, keepdim=keep).clamp_min(EPS)
     unit = matrix / norm
-    unit_target = target / target.norm(dim=dim, keepdim=dim is not None).clamp_min(EPS)
-    cos = (unit * unit_target).sum(dim=dim, keepdim=dim is not None)
+    unit_target = target / target.norm(dim=dim, keepdim=keep).clamp_min(EPS)
+    cos = (unit * unit_target).sum(dim=dim, keepdim=keep)
     stepped = unit + lr * (unit_target - cos * unit)
-    return stepped / stepped.norm(dim=dim, keepdim=dim is not None).clamp_min(EPS) * norm
+    stepped = stepped / stepped.norm(dim=dim, keepdim=keep).clamp_min(EPS)
+    if track_scale:
+        along = (stepped * target).sum(dim=dim, keepdim=keep)
+        norm = torch.where(along > EPS, along, norm)
+    return stepped * norm
 
 
 class GrAPE(DFA):
@@ -48,7 +57,8 @@ class GrAPE(DFA):
 
     Attributes:
         targets: the smoothed estimates of `J_k^T` by point, (point_features, error_features).
-        lr, smoothing, decay: `grape_lr`, `grape_smoothing`, `grape_ema_decay`.
+        lr, smoothing, decay, track_scale: `grape_lr`, `grape_smoothing`, `grape_ema_decay`,
+            `grape_track_scale`.
     """
 
     name = "grape"
@@ -58,6 +68,7 @@ class GrAPE(DFA):
         self.lr = args.grape_lr
         self.smoothing = args.grape_smoothing
         self.decay = args.grape_ema_decay
+        self.track_scale = args.grape_track_scale
         self.targets: dict[str, torch.Tensor] = {}
         self.skipped_updates = 0  # updates skipped as non-finite since the last log line (`pop_logs`)
         self._before_update = None  # (matrices, targets, estimates_seen) before this step's update: `end_step`
@@ -104,7 +115,7 @@ class GrAPE(DFA):
                 targets[name] = self.decay * previous + (1 - self.decay) * estimate
         for name, target in targets.items():
             target = targets[name] = target.to(matrices[name].device)  # loaded from a checkpoint on CPU
-            stepped[name] = align_step(matrices[name], target, self.lr, self.alignment)
+            stepped[name] = align_step(matrices[name], target, self.lr, self.alignment, self.track_scale)
         # One check of everything (one device sync): a NaN or inf anywhere skips the whole update.
         finite = [torch.isfinite(t).all() for t in (*estimates.values(), *targets.values(), *stepped.values())]
         bad = []
