@@ -102,10 +102,11 @@ SCRIPT_DEFAULTS = dict(
 # What makes the feedback rules learn a pre-LN GPT-2 (README, "Learning language models"; the error is read
 # on the residual stream, the library's default for causal LMs): blocks slower than the embeddings and the
 # head; DFA's feedback the skip path's exact Jacobian (identity); GrAPE follows the Jacobians with a larger
-# step and EMA smoothing. Measured by benchmarks/lm_fidelity.py.
+# step and EMA smoothing, and their scale too. Measured by benchmarks/lm_fidelity.py and (the scale)
+# benchmarks/linear_feedback_ceiling.py.
 RULE_DEFAULTS = {
     "dfa": dict(feedback_init="identity", block_lr_scale=0.3),
-    "grape": dict(block_lr_scale=0.1, grape_lr=0.1, grape_smoothing="ema"),
+    "grape": dict(block_lr_scale=0.1, grape_lr=0.1, grape_smoothing="ema", grape_track_scale=True),
 }
 
 PRESETS = {

@@ -23,7 +23,7 @@ from tiny_models import VOCAB, tiny_gpt2
 
 PROCESSES, BATCH, STEPS = 2, 2, 3
 RULES = {"dfa": dict(rule="dfa", setting="micro"),
-         "grape": dict(rule="grape", setting="micro", grape_lr=0.1, grape_smoothing="ema")}
+         "grape": dict(rule="grape", setting="micro", grape_lr=0.1, grape_smoothing="ema", grape_track_scale=True)}
 
 
 class Recorder(TrainerCallback):
