@@ -229,7 +229,8 @@ def parallel_backward(flags) -> None:
                 wall_backward(*trainers[name], threads, 1)  # warm-up
                 times[name] += wall_backward(*trainers[name], threads, flags.block)
         for trainer, _ in trainers.values():
-            trainer.feedback is not None and trainer.feedback.remove()
+            if trainer.feedback is not None:
+                trainer.feedback.remove()  # stops the segment threads
     reference = statistics.median(times[f"BP, {cores} threads"])
     print(f"\n{flags.model} {flags.setting} backward, wall time on {cores} cores ({flags.rounds} x {flags.block} "
           f"backwards each, median; x BP on {cores} threads)")
