@@ -12,7 +12,8 @@ process trains every case with `reshard_after_forward` True and False on its hal
 the weights (gathered) and the feedback state after the last step must equal a one-process run of
 the full batch within 1e-6 relative, every parameter must have moved, and with resharding each
 block's gradients must have been reduced and its parameters freed again before the backward reached
-the block below it (FSDP's memory savings kept).
+the block below it (FSDP's memory savings kept). A sharded run reloaded after its first step into a
+fresh model (`reload`: what resuming restores) must end bit for bit where the uninterrupted one does.
 """
 
 import os
@@ -44,6 +45,7 @@ CASES = {  # name: (model, wrapped block classes, rule arguments, micro-batches 
     "drtp_vit": ("vit", ["ViTLayer"], {"rule": "drtp", "setting": "macro"}, 1),
 }
 BUILD = {"gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
+RESUMED = ("grape_micro", "drtp_vit")  # also trained with a reload of everything after the first step
 PROBED = {"dfa_macro"}  # with the true-alignment probe's forward and backward before each training forward
 
 
@@ -73,8 +75,30 @@ def shard_like_accelerate(model: torch.nn.Module, reshard: bool, wrap: list[str]
     fully_shard(model)  # the root: torch's default (no resharding after forward)
 
 
-def train(case: str, rank: int = 0, processes: int = 1, reshard: bool | None = None) -> dict[str, torch.Tensor]:
-    """Train `case` for STEPS SGD steps, on this process's share of each batch (sharded unless `reshard` is None).
+def reload(case: str, model: torch.nn.Module, rule, reshard: bool):
+    """What resuming from a checkpoint restores, within the running process group: the sharded model's full state
+    dict (FSDP2's `get_model_state_dict`, gathered) and the rule's state, loaded into a fresh, differently
+    initialised model with a fresh rule, sharded again, and a fresh optimizer (SGD holds no state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    weights = get_model_state_dict(model, options=full)
+    feedback = {key: value.detach().cpu().clone() for key, value in rule.state_dict().items()}
+    rule.remove()
+    kind, wrap, rule_args, _ = CASES[case]
+    fresh = BUILD[kind](seed=5)
+    fresh_rule = RULES[rule_args["rule"]](fresh, GrapeTrainingArguments(output_dir="unused", use_cpu=True,
+                                                                        report_to="none", **rule_args))
+    shard_like_accelerate(fresh, reshard, wrap)
+    set_model_state_dict(fresh, weights, options=full)
+    fresh_rule.load_state_dict(feedback)
+    return fresh, fresh_rule, torch.optim.SGD(fresh.parameters(), lr=LR)
+
+
+def train(case: str, rank: int = 0, processes: int = 1, reshard: bool | None = None,
+          resume_after: int | None = None) -> dict[str, torch.Tensor]:
+    """Train `case` for STEPS SGD steps, on this process's share of each batch (sharded unless `reshard` is None);
+    with `resume_after`, the model, rule and optimizer are `reload`ed after that many steps.
 
     Returns the weights (`weights.<name>`, gathered) and the feedback state (`feedback.<key>`) after the last
     step, the feedback state after the first (`first_feedback.<key>`) and, with resharding, `freed_below`
@@ -119,6 +143,8 @@ def train(case: str, rank: int = 0, processes: int = 1, reshard: bool | None = N
         prefix = "first_feedback" if step == 0 else "feedback"
         if step in (0, STEPS - 1):
             record.update({f"{prefix}.{key}": value.detach().cpu().clone() for key, value in rule.state_dict().items()})
+        if step + 1 == resume_after:
+            model, rule, optimizer = reload(case, model, rule, reshard)
     for name, param in model.named_parameters():
         record[f"weights.{name}"] = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
         if reshard is not None and param.shape[0] >= processes:  # really split across the processes
@@ -140,6 +166,10 @@ def worker(output: str) -> None:
             record = train(case, state.process_index, PROCESSES, reshard)
             if state.is_main_process:
                 save_file({k: v.contiguous() for k, v in record.items()}, os.path.join(output, f"{case}_{reshard}.safetensors"))
+    for case in RESUMED:
+        record = train(case, state.process_index, PROCESSES, reshard=True, resume_after=1)
+        if state.is_main_process:
+            save_file({k: v.contiguous() for k, v in record.items()}, os.path.join(output, f"{case}_resumed.safetensors"))
     state.wait_for_everyone()
     state.destroy_process_group()
 
@@ -181,6 +211,18 @@ def test_sharded_processes_match_one_process_of_twice_the_batch(launched, case):
         name = next(key for key in single if key.startswith("feedback.matrices."))
         assert int(single["feedback.aligner.estimates_seen"]) == STEPS
         assert not torch.allclose(single[name], single["first_" + name])
+
+
+@pytest.mark.parametrize("case", RESUMED)
+def test_sharded_resume_is_bitwise(launched, case):
+    """Resuming a sharded run (FSDP2's full state dict of the weights, the rule's state, into a fresh model that
+    started elsewhere) continues it bit for bit: the same weights and feedback state after the last step."""
+    uninterrupted = load_file(str(launched / f"{case}_True.safetensors"))
+    resumed = load_file(str(launched / f"{case}_resumed.safetensors"))
+    compared = [key for key in uninterrupted if key.startswith(("weights.", "feedback."))]
+    assert compared and {key for key in resumed if key.startswith(("weights.", "feedback."))} == set(compared)
+    differ = [key for key in compared if not torch.equal(uninterrupted[key], resumed[key])]
+    assert not differ, differ
 
 
 def test_fsdp_refusals_name_the_reason():
