@@ -161,15 +161,16 @@ def worker(output: str) -> None:
 
     state = PartialState(cpu=True)  # gloo
     assert state.num_processes == PROCESSES, f"launched with {state.num_processes} processes"
+
+    def save(record: dict[str, torch.Tensor], name: str) -> None:
+        if state.is_main_process:
+            save_file({k: v.contiguous() for k, v in record.items()}, os.path.join(output, f"{name}.safetensors"))
+
     for case in CASES:
         for reshard in (True, False):
-            record = train(case, state.process_index, PROCESSES, reshard)
-            if state.is_main_process:
-                save_file({k: v.contiguous() for k, v in record.items()}, os.path.join(output, f"{case}_{reshard}.safetensors"))
+            save(train(case, state.process_index, PROCESSES, reshard), f"{case}_{reshard}")
     for case in RESUMED:
-        record = train(case, state.process_index, PROCESSES, reshard=True, resume_after=1)
-        if state.is_main_process:
-            save_file({k: v.contiguous() for k, v in record.items()}, os.path.join(output, f"{case}_resumed.safetensors"))
+        save(train(case, state.process_index, PROCESSES, reshard=True, resume_after=1), f"{case}_resumed")
     state.wait_for_everyone()
     state.destroy_process_group()
 

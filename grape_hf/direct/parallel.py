@@ -65,14 +65,12 @@ class SegmentThreads:
     """`threads` worker threads that run the segments' local backwards (see the module docstring).
 
     Attributes:
-        threads: the number of threads.
         anchor: a leaf that requires grad, the tap's one tensor input besides `z` in place of the points, so
             that the tap's backward runs even where `z` has no gradient path of its own (the residual stream,
             `error_point='residual'`, is cut at every block); it never receives a gradient.
     """
 
     def __init__(self, threads: int):
-        self.threads = threads
         self.anchor = torch.zeros((), requires_grad=True)
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="grape-segment")
 
