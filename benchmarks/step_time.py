@@ -6,7 +6,8 @@
     python benchmarks/step_time.py --parallel_backward 2                 # ... run on 2 threads, in wall time
 
 Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
-optimizer step, i.e. what training costs. The variants run in rounds of blocks of steps, so drift
+optimizer step, i.e. what training costs. Variants: BP, DFA, GrAPE, GrAPE estimating every 4th step, and
+on the GPT-2 also DFA with identity feedback (examples/run_wikitext.py's DFA, no projection matmul). The variants run in rounds of blocks of steps, so drift
 of the machine hits all alike; the table gives median and mean step time, the mean CPU time of
 the process per step, and peak memory, with ratios to BP. On a shared machine the wall-time ratios
 move with the other jobs; with one thread (`OMP_NUM_THREADS=1`) the CPU-time ratio does not, so it
@@ -44,6 +45,9 @@ VARIANTS = {  # name -> GrapeTrainingArguments overrides
     "grape": dict(rule="grape"),
     "grape/4": dict(rule="grape", grape_update_steps=4, grape_smoothing="ema"),
 }
+# Language models only (their error is read on the residual stream, as wide as the points): DFA as
+# examples/run_wikitext.py runs it, with the skip path's Jacobian, I, as feedback (no projection matmul).
+LM_VARIANTS = {"dfa (identity)": dict(rule="dfa", feedback_init="identity")}
 
 
 def build(flags):
@@ -112,7 +116,7 @@ def run(flags):
     device = torch.device(flags.device)
     trainers = {}
     with tempfile.TemporaryDirectory() as out:
-        for name, overrides in VARIANTS.items():
+        for name, overrides in (VARIANTS | (LM_VARIANTS if flags.model == "gpt2" else {})).items():
             trainers[name] = make_trainer(flags, overrides, out)
         times = {name: [] for name in trainers}
         cpu = {name: [] for name in trainers}

@@ -49,6 +49,9 @@ BERT_SEGMENTS = {
 FAMILIES = {
     # The causal-LM default, error_point="residual": the tap is the final norm's input.
     "gpt2": (tiny_gpt2, token_batch, GPT2_SEGMENTS, "transformer.ln_f", "input", [], {}),
+    # DFA as examples/run_wikitext.py runs it: B_k = I, applied without its matmul (`FeedbackMatrices.project`).
+    "gpt2_identity": (tiny_gpt2, token_batch, GPT2_SEGMENTS, "transformer.ln_f", "input", [],
+                      {"feedback_init": "identity"}),
     "gpt2_head_input": (tiny_gpt2, token_batch, GPT2_SEGMENTS, "lm_head", "input", ["transformer.ln_f."],
                         {"error_point": "head_input"}),
     "vit": (tiny_vit, image_batch, VIT_SEGMENTS, "classifier", "output", ["vit.layernorm.", "classifier."], {}),
@@ -129,7 +132,8 @@ def expected_dfa_gradients(model, batch, segments, tap_module, tap_side, tap_seg
     return expected
 
 
-@pytest.mark.parametrize("family, setting", [("gpt2", "macro"), ("gpt2", "micro"), ("gpt2_head_input", "macro"),
+@pytest.mark.parametrize("family, setting", [("gpt2", "macro"), ("gpt2", "micro"), ("gpt2_identity", "micro"),
+                                             ("gpt2_head_input", "macro"),
                                              ("gpt2_head_input", "micro"), ("vit", "macro"), ("vit", "micro"),
                                              ("bert", "macro")])
 def test_dfa_gradients_equal_the_rule(family, setting, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from tiny_models import quick_args, tiny_gpt2, tiny_llama, token_batch, token_dataset
 
 from grape_hf import GrapeTrainer, audit_locality
+from grape_hf.direct.matrices import FeedbackMatrices, position_weights
 
 
 @pytest.mark.parametrize("rule", ["dfa", "grape"])
@@ -35,6 +36,30 @@ def test_identity_feedback_on_the_residual_stream_gives_the_last_block_its_true_
     # The embeddings and the first block get feedback, not their true gradient.
     first, true_first = model.transformer.h[0].mlp.c_fc.weight, reference.transformer.h[0].mlp.c_fc.weight
     assert not torch.allclose(first.grad, true_first.grad)
+
+
+def test_identity_feedback_skips_its_matmul_only_while_the_matrix_is_the_identity():
+    """`project` returns `e` itself for B = I (no matmul), exactly what `e @ I.T` gives, and multiplies again as
+    soon as the matrix is written into in place or replaced (GrAPE's updates, a loaded state)."""
+    matrices = FeedbackMatrices("identity", seed=0)
+    matrix = matrices.get("p", 8, 8, torch.device("cpu"))
+    error = torch.randn(2, 3, 8)
+    assert torch.equal(matrices.project("p", error, error.shape, torch.float32), error @ matrix.T)
+    with torch.no_grad():
+        matrix[0, 1] = 0.5  # in place: the same tensor object
+    assert torch.equal(matrices.project("p", error, error.shape, torch.float32), error @ matrix.T)
+    replaced = torch.randn(8, 8)
+    matrices.load_state_dict({"p": replaced})
+    assert torch.equal(matrices.project("p", error, error.shape, torch.float32), error @ replaced.T)
+    matrices.load_state_dict({"p": torch.eye(8)})  # a checkpoint of an identity run skips again
+    assert matrices.is_identity("p")
+    positions = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # a broadcast point (2, 5, 8), padded
+    per_example = torch.randn(2, 8)  # under a per-example error (2, 8)
+    expected = (per_example @ torch.eye(8).T).unsqueeze(1) * position_weights(positions).unsqueeze(-1)
+    assert torch.equal(matrices.project("p", per_example, torch.Size((2, 5, 8)), torch.float32, positions), expected)
+    normal = FeedbackMatrices("normal", seed=0)
+    normal.get("p", 8, 8, torch.device("cpu"))
+    assert not normal.is_identity("p")
 
 
 def test_identity_feedback_needs_points_as_wide_as_the_error(tmp_path):

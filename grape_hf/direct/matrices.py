@@ -142,6 +142,7 @@ class FeedbackMatrices:
         self.seed = seed
         self.tensors: dict[str, torch.Tensor] = {}
         self.loaded_from: str | None = None  # the checkpoint file the matrices came from, for error messages
+        self._identity: dict[str, tuple[torch.Tensor, int, bool]] = {}  # name -> (matrix, its version, == I)
 
     def get(self, name: str, point_features: int, error_features: int, device: torch.device,
             flattened_features: int | None = None) -> torch.Tensor:
@@ -196,12 +197,26 @@ class FeedbackMatrices:
         """
         matrix = self.tensors[name]
         flat = error.reshape(-1, error.shape[-1]).to(matrix.dtype)
-        feedback = flat @ matrix.T
+        # `e I^T` is `e` exactly: identity feedback (DFA's skip-path Jacobian) costs no matmul and no copy. Several
+        # points then get views of one tensor, as the inputs of an add get its one gradient under BP.
+        feedback = flat if self.is_identity(name) else flat @ matrix.T
         if positions is None:
             return feedback.to(dtype).reshape(point_shape)
         weights = position_weights(positions.to(feedback.device))
         feedback = feedback.reshape(*error.shape[:-1], 1, matrix.shape[0]) * weights.unsqueeze(-1)
         return feedback.to(dtype).reshape(point_shape)
+
+    def is_identity(self, name: str) -> bool:
+        """Whether point `name`'s matrix is exactly the identity. Compared once per matrix tensor and in-place
+        version (`Tensor._version`), so a matrix replaced (GrAPE's updates, a loaded state) or written into is
+        compared again."""
+        matrix = self.tensors[name]
+        known = self._identity.get(name)
+        if known is None or known[0] is not matrix or known[1] != matrix._version:
+            rows, columns = matrix.shape
+            equal = rows == columns and torch.equal(matrix, torch.eye(rows, dtype=matrix.dtype, device=matrix.device))
+            known = self._identity[name] = (matrix, matrix._version, equal)
+        return known[2]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The matrices by point name, each (point_features, error_features); points not yet run have none."""
