@@ -132,9 +132,10 @@ class GrapeTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step; after the first one, every trainable parameter must have received a gradient
-        (`check_reached`), so that no placement leaves part of the model silently untrained."""
+        (`check_reached`), so that no placement leaves part of the model silently untrained. Checked after the
+        step's last micro-batch: under FSDP2 the gradients reach the (sharded) parameters only once synced."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.feedback is not None and not self._reach_checked:
+        if self.feedback is not None and not self._reach_checked and self.accelerator.sync_gradients:
             self._reach_checked = True
             check_reached(self.accelerator.unwrap_model(model), self.feedback, self._prepare_inputs(inputs))
         return loss

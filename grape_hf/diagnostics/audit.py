@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..fsdp import is_fully_sharded
 from ..rule import Rule
 
 logger = logging.getLogger(__name__)
@@ -142,8 +143,27 @@ class UnreachedParametersError(RuntimeError):
 
 def unused_by_forward(model: nn.Module, rule: Rule, inputs: dict, names: list[str]) -> list[str]:
     """Those of the parameters `names` that a plain BP forward and backward on `inputs` leaves without gradient:
-    the model's own forward does not use them (DINOv2's `mask_token` without `bool_masked_pos`)."""
+    the model's own forward does not use them (DINOv2's `mask_token` without `bool_masked_pos`).
+
+    Under FSDP2 the forward computes with each unit's gathered parameters, never with the sharded ones
+    `named_parameters` holds: the gathered ones are taken as each unit's forward starts (after FSDP2's pre-hook),
+    and a parameter whose unit never ran is unused."""
     params = dict(model.named_parameters())
+    handles, sharded = [], set()
+    if is_fully_sharded(model):
+        from torch.distributed.tensor import DTensor
+
+        sharded = {name for name, p in params.items() if isinstance(p, DTensor)}
+
+        def gathered(unit_name: str):
+            def record(unit, args):
+                for name, p in unit.named_parameters(prefix=unit_name):
+                    if name in sharded and not isinstance(p, DTensor):  # a unit inside this one: still sharded
+                        params[name] = p
+                        sharded.discard(name)
+            return record
+        handles = [module.register_forward_pre_hook(gathered(name)) for name, module in model.named_modules()
+                   if is_fully_sharded(module)]
     was_training = model.training
     model.eval()  # no batch-norm statistics move for this check
     try:
@@ -151,12 +171,16 @@ def unused_by_forward(model: nn.Module, rule: Rule, inputs: dict, names: list[st
             outputs = model(**inputs)
     finally:
         model.train(was_training)
+        for handle in handles:
+            handle.remove()
     if isinstance(outputs, dict):
         loss = outputs["loss"] if outputs.get("loss") is not None else next(iter(outputs.values())).float().sum()
     else:
         loss = outputs[0].float().sum()
-    grads = torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)
-    return [name for name, grad in zip(names, grads) if grad is None]
+    in_graph = [name for name in names if name not in sharded]  # a unit that never ran: its parameters unused
+    grads = torch.autograd.grad(loss, [params[name] for name in in_graph], allow_unused=True) if in_graph else []
+    reached = {name for name, grad in zip(in_graph, grads) if grad is not None}
+    return [name for name in names if name not in reached]
 
 
 def check_reached(model: nn.Module, rule: Rule, inputs: dict | None = None) -> None:
