@@ -40,7 +40,8 @@ def test_identity_feedback_on_the_residual_stream_gives_the_last_block_its_true_
 
 def test_identity_feedback_skips_its_matmul_only_while_the_matrix_is_the_identity():
     """`project` returns `e` itself for B = I (no matmul), exactly what `e @ I.T` gives, and multiplies again as
-    soon as the matrix is written into in place or replaced (GrAPE's updates, a loaded state)."""
+    soon as the matrix is written into in place or replaced (GrAPE's updates, a loaded state); a loaded identity
+    is recognised."""
     matrices = FeedbackMatrices("identity", seed=0)
     matrix = matrices.get("p", 8, 8, torch.device("cpu"))
     error = torch.randn(2, 3, 8)
@@ -57,6 +58,8 @@ def test_identity_feedback_skips_its_matmul_only_while_the_matrix_is_the_identit
     per_example = torch.randn(2, 8)  # under a per-example error (2, 8)
     expected = (per_example @ torch.eye(8).T).unsqueeze(1) * position_weights(positions).unsqueeze(-1)
     assert torch.equal(matrices.project("p", per_example, torch.Size((2, 5, 8)), torch.float32, positions), expected)
+    matrices.tensors["p"] = torch.eye(8) + 1e-3  # as GrAPE's update replaces a matrix
+    assert not matrices.is_identity("p")
     normal = FeedbackMatrices("normal", seed=0)
     normal.get("p", 8, 8, torch.device("cpu"))
     assert not normal.is_identity("p")

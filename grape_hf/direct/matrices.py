@@ -142,7 +142,8 @@ class FeedbackMatrices:
         self.seed = seed
         self.tensors: dict[str, torch.Tensor] = {}
         self.loaded_from: str | None = None  # the checkpoint file the matrices came from, for error messages
-        self._identity: dict[str, tuple[torch.Tensor, int, bool]] = {}  # name -> (matrix, its version, == I)
+        # name -> (the matrix tensor known to be I, its in-place version then): see `is_identity`
+        self._identities: dict[str, tuple[torch.Tensor, int]] = {}
 
     def get(self, name: str, point_features: int, error_features: int, device: torch.device,
             flattened_features: int | None = None) -> torch.Tensor:
@@ -158,6 +159,8 @@ class FeedbackMatrices:
             generator = torch.Generator().manual_seed(point_seed(self.seed, name))
             matrix = init_feedback_matrix((point_features, error_features), self.init, generator)
             self.tensors[name] = matrix = matrix.to(device)
+            if self.init == "identity":
+                self._identities[name] = (matrix, matrix._version)
         elif matrix.shape == (flattened_features, error_features) and flattened_features != point_features:
             raise ValueError(
                 f"Feedback point {name!r} needs a {point_features}x{error_features} matrix, broadcast over its "
@@ -179,7 +182,10 @@ class FeedbackMatrices:
                 "positions, under an error without them, may vary). Give the model inputs of a fixed size."
             )
         elif matrix.device != device:
+            identity = self.is_identity(name)
             self.tensors[name] = matrix = matrix.to(device)
+            if identity:
+                self._identities[name] = (matrix, matrix._version)
         return matrix
 
     def project(self, name: str, error: torch.Tensor, point_shape: torch.Size, dtype: torch.dtype,
@@ -207,16 +213,12 @@ class FeedbackMatrices:
         return feedback.to(dtype).reshape(point_shape)
 
     def is_identity(self, name: str) -> bool:
-        """Whether point `name`'s matrix is exactly the identity. Compared once per matrix tensor and in-place
-        version (`Tensor._version`), so a matrix replaced (GrAPE's updates, a loaded state) or written into is
-        compared again."""
-        matrix = self.tensors[name]
-        known = self._identity.get(name)
-        if known is None or known[0] is not matrix or known[1] != matrix._version:
-            rows, columns = matrix.shape
-            equal = rows == columns and torch.equal(matrix, torch.eye(rows, dtype=matrix.dtype, device=matrix.device))
-            known = self._identity[name] = (matrix, matrix._version, equal)
-        return known[2]
+        """Whether point `name`'s matrix is known to be exactly the identity: the very tensor drawn by
+        `init='identity'` or loaded equal to I, not written into since (`Tensor._version`). A matrix replaced (GrAPE's
+        updates) or changed in place is not, without comparing values at every step (a device sync on GPUs)."""
+        known = self._identities.get(name)
+        matrix = self.tensors.get(name)
+        return known is not None and known[0] is matrix and known[1] == matrix._version
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The matrices by point name, each (point_features, error_features); points not yet run have none."""
@@ -243,3 +245,6 @@ class FeedbackMatrices:
         self.check(tensors, source)
         self.tensors = dict(tensors)
         self.loaded_from = source
+        self._identities = {name: (matrix, matrix._version) for name, matrix in self.tensors.items()
+                            if matrix.shape[0] == matrix.shape[1] and torch.equal(matrix, torch.eye(
+                                matrix.shape[0], dtype=matrix.dtype, device=matrix.device))}
