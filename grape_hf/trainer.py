@@ -160,6 +160,17 @@ class GrapeTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_feedback(self.feedback, self.args, resume_from_checkpoint)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's; under FSDP, torch's bare assertion for an optimizer that holds no state, re-raised as an
+        error that names the problem and the fix (`stateless_optimizer_error`). Nothing else changes."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except AssertionError as error:
+            problem = stateless_optimizer_error(self, error)
+            if problem is None:
+                raise
+            raise NotImplementedError(problem) from error
+
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
         self._install_feedback(model)
@@ -224,3 +235,24 @@ class GrapeTrainer(Trainer):
             batch = next(iter(self.get_train_dataloader()))
         return audit_network(self.model, self.feedback, self._prepare_inputs(batch), raise_on_leak)
 
+
+def stateless_optimizer_error(trainer: Trainer, error: AssertionError) -> str | None:
+    """The message for `error` when it is torch's `Expected device to be set` from resuming, under FSDP2 with full
+    state dicts, an optimizer that holds no state tensor (plain SGD: `set_optimizer_state_dict` takes the device
+    of the loaded state from the optimizer's own state, finds none and asserts); None for any other assertion."""
+    if not trainer.is_fsdp_enabled or str(error) != "Expected device to be set":
+        return None
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper: the torch one
+    if any(isinstance(value, torch.Tensor) and value.dim() > 0
+           for state in optimizer.state.values() for value in state.values()):
+        return None  # it holds state: not the known failure
+    return (
+        f"Resuming {type(optimizer).__name__} under FSDP with full state dicts (state_dict_type FULL_STATE_DICT, the "
+        "default) fails in torch's set_optimizer_state_dict ('Expected device to be set'): the optimizer holds no "
+        "state tensors (as SGD without momentum), and torch takes the device of the loaded state from them. Train "
+        "with an optimizer that holds state (SGD with momentum, optim_args='momentum=0.9'; AdamW), or save sharded "
+        "checkpoints (fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT'}, or fsdp_state_dict_type: "
+        "SHARDED_STATE_DICT in accelerate's config). A checkpoint of SGD without momentum already written this way "
+        "resumes when the resuming run sets momentum: the checkpoint's parameter groups (momentum 0) replace the "
+        "run's, so training continues exactly as it was saved."
+    )

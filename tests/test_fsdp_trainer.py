@@ -20,10 +20,14 @@ feedback). The sharded weights (gathered) and feedback state after the last step
 within 1e-6 relative, and be the same on both processes; the parameters must keep their
 `block_lr_scale` group through the switch to the sharded ones; the resumed run must end bit for bit
 where the uninterrupted one does, and the last checkpoint's files hold what the run ended with. The
-first step's `check_reached` must still raise for a parameter no feedback reaches (and only log one
+cases: DFA and GrAPE micro on GPT-2 (full state dicts, blocks resharded after forward), DRTP macro on
+ViT with sharded state dicts (`torch.distributed.checkpoint` folders, no `model.safetensors`) and blocks
+kept gathered after forward (`reshard_after_forward: False`), GrAPE macro on Llama (untied embeddings).
+The first step's `check_reached` must still raise for a parameter no feedback reaches (and only log one
 the forward never uses) on a sharded model with gradient accumulation. SGD has momentum because torch's
 `set_optimizer_state_dict` (full state dict) cannot load the state of an optimizer that holds no
-tensors ("Expected device to be set"), whatever the rule.
+tensors ("Expected device to be set"), whatever the rule; GrapeTrainer names that failure and its fix
+(GUARDS: `stateless_resume`).
 """
 
 import contextlib
@@ -34,19 +38,31 @@ import pytest
 import torch
 from launch import launch_workers
 from safetensors.torch import load_file, save_file
-from tiny_models import VOCAB, tiny_gpt2
+from tiny_models import VOCAB, image_batch, tiny_gpt2, tiny_llama, tiny_vit
 
 PROCESSES, STEPS, SAVE_STEPS = 2, 4, 2
-RTOL, ATOL = 1e-6, 1e-9
-CASES = {  # name: (rule arguments, per-device batch, gradient accumulation): global batch 4 in each
-    "dfa_micro": ({"rule": "dfa", "setting": "micro"}, 2, 1),
-    "grape_micro": ({"rule": "grape", "setting": "micro", "grape_lr": 0.1, "grape_smoothing": "ema",
-                     "block_lr_scale": 0.5}, 1, 2),
+RTOL, ATOL = 1e-6, 1e-9  # ATOL: ViT's key biases, whose gradient is zero up to rounding (softmax ignores shifts)
+GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema"}
+SHARDED = "SHARDED_STATE_DICT"
+CASES = {  # name: (model, rule arguments, per-device batch, gradient accumulation, fsdp_config beyond version 2):
+    # global batch 4 in each
+    "dfa_micro": ("gpt2", {"rule": "dfa", "setting": "micro"}, 2, 1, {}),
+    "grape_micro": ("gpt2", {**GRAPE, "setting": "micro", "block_lr_scale": 0.5}, 1, 2, {}),
+    # accelerate's default wrap policy also wraps ViTEmbeddings and then fails on its patch embeddings inside:
+    # name the layers, as a ViT user of accelerate must (tests/test_fsdp.py)
+    "drtp_vit_sharded": ("vit", {"rule": "drtp", "setting": "macro"}, 2, 1,
+                         {"state_dict_type": SHARDED, "reshard_after_forward": False,
+                          "transformer_layer_cls_to_wrap": "ViTLayer"}),
+    "grape_llama": ("llama", {**GRAPE, "setting": "macro"}, 2, 1, {}),
 }
+BUILD = {"gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
 RUNS = ("ddp", "fsdp", "resumed")
-GUARDS = {  # the first step's check (`check_reached`), sharded, with gradient accumulation
+GUARDS = {  # sharded, with gradient accumulation (GPT-2, DFA micro)
+    # the first step's check (`check_reached`):
     "unreached": {"rule": "dfa", "setting": "micro", "feedback_embeddings": False},  # wpe gets no gradient: raised
     "unused": {"rule": "dfa", "setting": "micro"},  # plus a parameter the forward never uses: only logged
+    # SGD without momentum, one step, a full-state-dict checkpoint, resumed: torch's bare assertion, named
+    "stateless_resume": {"rule": "dfa", "setting": "micro", "optim_args": None},
 }
 
 
@@ -74,16 +90,23 @@ def fsdp_on_cpu():
         os.environ.pop("ACCELERATE_USE_FSDP", None)  # set by Accelerator for its plugin: no leak into later runs
 
 
-def make_trainer(run: str, output: str, rule_args: dict, batch: int, accumulation: int, model=None):
-    """A GrapeTrainer of `run` (see RUNS) on the tiny GPT-2 (or `model`), STEPS steps of global batch
-    PROCESSES * batch * accumulation, SGD with momentum; `rule_args` may override any argument."""
+def make_trainer(run: str, output: str, rule_args: dict, batch: int, accumulation: int, kind: str = "gpt2",
+                 fsdp: dict | None = None, model=None):
+    """A GrapeTrainer of `run` (see RUNS) on the tiny `kind` model of BUILD (or `model`), STEPS steps of global
+    batch PROCESSES * batch * accumulation, SGD with momentum, `fsdp` added to the sharded runs' fsdp_config;
+    `rule_args` may override any argument."""
     from datasets import Dataset
 
     from grape_hf import GrapeTrainer, GrapeTrainingArguments
 
-    ids = torch.randint(0, VOCAB, (PROCESSES * batch * accumulation * STEPS, 16),
-                        generator=torch.Generator().manual_seed(1))
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    rows = PROCESSES * batch * accumulation * STEPS
+    if kind == "vit":
+        columns = image_batch(rows, seed=1)
+    else:
+        ids = torch.randint(0, VOCAB, (rows, 16), generator=torch.Generator().manual_seed(1))
+        columns = {"input_ids": ids, "labels": ids}
+    data = Dataset.from_dict({key: value.tolist() for key, value in columns.items()})
+    fsdp = {"version": 2, **(fsdp or {})}
     sharded, resumed = run != "ddp", run == "resumed"
     if resumed:  # another initial model and other feedback: what it ends with must come from the checkpoint
         rule_args = {**rule_args, "feedback_seed": 7}
@@ -92,10 +115,14 @@ def make_trainer(run: str, output: str, rule_args: dict, batch: int, accumulatio
         "optim_args": "momentum=0.9", "learning_rate": 0.1, "max_steps": STEPS, "logging_steps": 1,
         "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
         "save_strategy": "steps" if sharded else "no", "save_steps": SAVE_STEPS,
-        **({"fsdp": "full_shard", "fsdp_config": {"version": 2}} if sharded else {}), **rule_args})
+        **({"fsdp": "full_shard", "fsdp_config": fsdp} if sharded else {}), **rule_args})
     with fsdp_on_cpu() if sharded else contextlib.nullcontext():
-        trainer = GrapeTrainer(model=model or tiny_gpt2(seed=5 if resumed else 0), args=args, train_dataset=data)
+        trainer = GrapeTrainer(model=model or BUILD[kind](seed=5 if resumed else 0), args=args, train_dataset=data)
     assert trainer.is_fsdp_enabled == sharded and trainer.accelerator.is_fsdp2 == sharded, run
+    if sharded:  # the fsdp_config keys reached accelerate's plugin (a misspelt key is silently ignored)
+        plugin = trainer.accelerator.state.fsdp_plugin
+        assert plugin.reshard_after_forward == fsdp.get("reshard_after_forward", True), plugin.reshard_after_forward
+        assert plugin.state_dict_type.name == fsdp.get("state_dict_type", "FULL_STATE_DICT"), plugin.state_dict_type
     return trainer
 
 
@@ -104,8 +131,8 @@ def train(case: str, run: str, output: str) -> dict[str, torch.Tensor]:
     gathered), the feedback state (`feedback.<key>`) and each parameter's group learning rate (`lr.<name>`)."""
     from torch.distributed.tensor import DTensor
 
-    rule_args, batch, accumulation = CASES[case]
-    trainer = make_trainer(run, os.path.join(output, f"{case}_{run}"), rule_args, batch, accumulation)
+    kind, rule_args, batch, accumulation, fsdp = CASES[case]
+    trainer = make_trainer(run, os.path.join(output, f"{case}_{run}"), rule_args, batch, accumulation, kind, fsdp)
     sharded = run != "ddp"
     resume = os.path.join(output, f"{case}_fsdp", f"checkpoint-{SAVE_STEPS}") if run == "resumed" else None
     trainer.train(resume_from_checkpoint=resume)
@@ -113,8 +140,9 @@ def train(case: str, run: str, output: str) -> dict[str, torch.Tensor]:
     lrs = {id(param): group["initial_lr"] for group in trainer.optimizer.param_groups for param in group["params"]}
     record = {}
     for name, param in model.named_parameters():
-        if sharded:  # really split across the processes, and the optimizer holds the sharded parameter
-            assert isinstance(param, DTensor) and param.to_local().numel() < param.numel(), name
+        if sharded:  # the optimizer holds the sharded parameter, really split across the processes (dim 0)
+            assert isinstance(param, DTensor), name
+            assert param.shape[0] < PROCESSES or param.to_local().numel() < param.numel(), name
         record[f"weights.{name}"] = (param.full_tensor() if sharded else param).detach().clone()
         record[f"lr.{name}"] = torch.tensor(lrs[id(param)], dtype=torch.float64)
     record.update({f"feedback.{key}": value.detach().cpu().clone()
@@ -124,22 +152,28 @@ def train(case: str, run: str, output: str) -> dict[str, torch.Tensor]:
 
 
 def guards(output: str) -> dict[str, str]:
-    """`check_reached` on the sharded Trainer after its first step (two micro-batches): per GUARDS run, the
-    `UnreachedParametersError` it raised, or '' when it trained."""
+    """The sharded Trainer's first step (two micro-batches), per GUARDS run; `stateless_resume` saves it and a
+    fresh trainer resumes from that checkpoint. Per run: '<error class>: <message>' of what it raised, or '' when
+    it trained."""
     from grape_hf.diagnostics.audit import UnreachedParametersError
 
     raised = {}
     for name, rule_args in GUARDS.items():
+        folder, resume = os.path.join(output, f"guard_{name}"), name == "stateless_resume"
         model = tiny_gpt2()
         if name == "unused":
             model.transformer.h[0].mlp.register_parameter("unused", torch.nn.Parameter(torch.ones(4)))
-        trainer = make_trainer("fsdp", os.path.join(output, f"guard_{name}"),
-                               {**rule_args, "max_steps": 1, "save_strategy": "no"}, 1, 2, model)
+        rule_args = {**rule_args, "max_steps": 1, "save_strategy": "steps" if resume else "no", "save_steps": 1}
+        trainer = make_trainer("fsdp", folder, rule_args, 1, 2, model=model)
         try:
             trainer.train()
+            if resume:  # torch asserts on both processes, before any collective: no process is left waiting
+                trainer.feedback.remove()
+                trainer = make_trainer("resumed", folder, {**rule_args, "max_steps": 2}, 1, 2)
+                trainer.train(resume_from_checkpoint=os.path.join(folder, "checkpoint-1"))
             raised[name] = ""
-        except UnreachedParametersError as error:
-            raised[name] = str(error)
+        except (UnreachedParametersError, NotImplementedError, AssertionError) as error:
+            raised[name] = f"{type(error).__name__}: {error}"
         trainer.feedback.remove()
     return raised
 
@@ -191,31 +225,35 @@ def test_sharded_trainer_matches_data_parallel(launched, case):
             assert close(sharded[0][key], value), (key, float((sharded[0][key] - value).norm() / value.norm()))
         else:
             assert torch.equal(sharded[0][key], value), key
-    initial = dict(tiny_gpt2().named_parameters())
+    initial = dict(BUILD[CASES[case][0]]().named_parameters())
     for name, value in initial.items():  # every parameter moved: the comparison is of real updates
         assert not torch.equal(value, ddp[f"weights.{name}"]), name
-    rule_args = CASES[case][0]
+    rule_args = CASES[case][1]
     scale = rule_args.get("block_lr_scale", 1.0)
     lrs = {float(ddp[f"lr.{name}"]) for name in initial}
     assert lrs == ({0.1, 0.1 * scale} if scale != 1.0 else {0.1})
     if scale != 1.0:  # the blocks' group kept its parameters through the switch to the sharded ones
         assert float(sharded[0]["lr.transformer.h.0.mlp.c_fc.weight"]) == pytest.approx(0.1 * scale)
         assert float(sharded[0]["lr.transformer.wte.weight"]) == pytest.approx(0.1)
-    if rule_args["rule"] == "grape":  # the matrices learned, identically
+    if rule_args["rule"] == "grape":  # every matrix learned, identically
         assert int(ddp["feedback.aligner.estimates_seen"]) == STEPS
-        matrix = "feedback.matrices.transformer.h.0.mlp"
-        assert not torch.equal(ddp[matrix], initial_feedback(case)[matrix])
+        drawn = initial_feedback(case)
+        matrices = [key for key in drawn if key.startswith("feedback.matrices.")]
+        assert matrices and all(not torch.equal(ddp[key], drawn[key]) for key in matrices), matrices
 
 
 def initial_feedback(case: str) -> dict[str, torch.Tensor]:
-    """The feedback state a fresh rule of `case` starts from (on the tiny GPT-2, before any step)."""
+    """The feedback state a fresh rule of `case` starts from (on its tiny model, before any step)."""
     from grape_hf import GrapeTrainingArguments
     from grape_hf.rules import RULES
 
-    args = GrapeTrainingArguments(output_dir="unused", use_cpu=True, report_to="none", **CASES[case][0])
-    model = tiny_gpt2()
+    kind, rule_args = CASES[case][:2]
+    args = GrapeTrainingArguments(output_dir="unused", use_cpu=True, report_to="none", **rule_args)
+    model = BUILD[kind]()
     rule = RULES[args.rule](model, args)
-    model(input_ids=torch.zeros(1, 4, dtype=torch.long))  # matrices are drawn when each point first runs
+    inputs = {"pixel_values": image_batch(1)["pixel_values"]} if kind == "vit" else {
+        "input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    model(**inputs)  # matrices are drawn when each point first runs
     return {f"feedback.{key}": value.detach().clone() for key, value in rule.state_dict().items()}
 
 
@@ -229,13 +267,23 @@ def test_sharded_trainer_resume_is_bitwise(launched, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sharded_checkpoint_holds_the_run(launched, case):
-    """The last checkpoint of the sharded run: the Trainer's model file (a plain transformers checkpoint) and
+def test_sharded_checkpoint_holds_the_run(launched, case, tmp_path):
+    """The last checkpoint of the sharded run: the model (with full state dicts the Trainer's model file, a plain
+    transformers checkpoint; with sharded ones only the `torch.distributed.checkpoint` folder) and
     feedback.safetensors hold the weights and feedback state the run ended with."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     final = records(launched, case, "fsdp")[0]
     folder = launched / f"{case}_fsdp" / f"checkpoint-{STEPS}"
-    assert (folder / "pytorch_model_fsdp.bin").is_file() and (folder / "optimizer.bin").is_file()
-    weights = load_file(str(folder / "model.safetensors"))
+    if CASES[case][4].get("state_dict_type") == SHARDED:  # one file per process, no full copy anywhere
+        assert (folder / "optimizer_0").is_dir() and not (folder / "model.safetensors").exists()
+        assert sorted(path.name for path in (folder / "pytorch_model_fsdp_0").glob("*.distcp")) == [
+            f"__{rank}_0.distcp" for rank in range(PROCESSES)]
+        dcp_to_torch_save(folder / "pytorch_model_fsdp_0", tmp_path / "model.pt")  # gathered, in this process
+        weights = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    else:
+        assert (folder / "pytorch_model_fsdp.bin").is_file() and (folder / "optimizer.bin").is_file()
+        weights = load_file(str(folder / "model.safetensors"))
     names = [key[len("weights."):] for key in final if key.startswith("weights.")]
     assert set(names) <= set(weights)
     for name in names:
@@ -257,6 +305,20 @@ def test_sharded_trainer_guards_unreached_parameters(launched):
             raised = file.metadata()
         assert "no gradient in the first training step: transformer.wpe.weight." in raised["unreached"]
         assert raised["unused"] == ""
+
+
+def test_sharded_resume_of_a_stateless_optimizer_names_the_fix(launched):
+    """With full state dicts, torch cannot load the state of an optimizer that holds none (plain SGD): GrapeTrainer
+    re-raises its bare assertion as an error that names the cause and the fixes."""
+    from safetensors import safe_open
+
+    for rank in range(PROCESSES):
+        with safe_open(str(launched / f"guards_rank{rank}.safetensors"), "pt") as file:
+            raised = file.metadata()["stateless_resume"]
+        assert raised.startswith("NotImplementedError: Resuming SGD under FSDP with full state dicts"), raised
+        for named in ("'Expected device to be set'", "holds no state tensors", "SGD with momentum",
+                      "'state_dict_type': 'SHARDED_STATE_DICT'"):
+            assert named in raised, named
 
 
 if __name__ == "__main__":
