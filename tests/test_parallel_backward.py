@@ -40,10 +40,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def step_gradients(model, batch: dict, rule: str, setting: str, threads: int) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient after one training forward and backward of `rule` with `threads`."""
+def step_gradients(model, batch: dict, rule: str, setting: str, threads: int, **fields) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient after one training forward and backward of `rule` with `threads` (and any other
+    GrapeTrainingArguments `fields`)."""
     args = GrapeTrainingArguments(output_dir="unused", rule=rule, setting=setting, parallel_backward=threads,
-                                  report_to="none", use_cpu=True)
+                                  report_to="none", use_cpu=True, **fields)
     installed = RULES[rule](model, args)
     try:
         loss, _ = installed.training_forward(lambda inputs: (model(**inputs).loss, None), batch, 0, True)
@@ -65,6 +66,15 @@ def test_threads_give_the_sequential_gradients(case, setting, rule, one_thread):
     assert not unreached, f"no gradient with threads: {unreached}"
     differ = [name for name in sequential if not torch.equal(sequential[name], threaded[name])]
     assert not differ, f"gradients differ with threads: {differ}"
+
+
+def test_identity_feedback_threads_give_the_sequential_gradients(one_thread):
+    """Identity feedback hands every segment a view of the one error tensor (no matmul, no copy): the threads
+    only read it."""
+    model = tiny_gpt2(n_layer=3)
+    sequential = step_gradients(copy.deepcopy(model), token_batch(), "dfa", "micro", 0, feedback_init="identity")
+    threaded = step_gradients(copy.deepcopy(model), token_batch(), "dfa", "micro", 2, feedback_init="identity")
+    assert all(torch.equal(sequential[name], threaded[name]) for name in sequential)
 
 
 @pytest.mark.parametrize("setting", ["macro", "micro"])
