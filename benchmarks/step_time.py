@@ -7,11 +7,14 @@
 
 Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
 optimizer step, i.e. what training costs. Variants: BP, DFA, GrAPE, GrAPE estimating every 4th step, and
-on the GPT-2 also DFA with identity feedback (examples/run_wikitext.py's DFA, no projection matmul). The variants run in rounds of blocks of steps, so drift
-of the machine hits all alike; the table gives median and mean step time, the mean CPU time of
-the process per step, and peak memory, with ratios to BP. On a shared machine the wall-time ratios
-move with the other jobs; with one thread (`OMP_NUM_THREADS=1`) the CPU-time ratio does not, so it
-is the figure to compare across runs there (with several threads it also counts their spin-waits).
+on the GPT-2 also DFA with identity feedback (examples/run_wikitext.py's DFA, no projection matmul). The
+variants run in rounds of blocks of steps, so drift of the machine hits all alike; the table gives median
+and mean step time, the mean CPU time of the process per step, and peak memory, with ratios to BP, and
+each round's CPU ratio to BP's round (median and range: how much the machine swings; `--block 1 --warmup 0`
+alternates the variants at every step). On a shared machine the wall-time ratios
+move with the other jobs; with one thread (`OMP_NUM_THREADS=1`) the CPU-time ratio moves less (memory
+contention still shows in it), so it is the figure to compare across runs (with several threads it also
+counts their spin-waits).
 Critical path (`--critical_path`): once `e` is known, DFA's segments are independent, so their local
 backwards could run in parallel (one CUDA stream each). On one forward of the DFA model, it times the
 whole backward (sequential, as today), the part above the tap alone (loss, head, the tap: the

@@ -246,5 +246,5 @@ class FeedbackMatrices:
         self.tensors = dict(tensors)
         self.loaded_from = source
         self._identities = {name: (matrix, matrix._version) for name, matrix in self.tensors.items()
-                            if matrix.shape[0] == matrix.shape[1] and torch.equal(matrix, torch.eye(
-                                matrix.shape[0], dtype=matrix.dtype, device=matrix.device))}
+                            if matrix.shape[0] == matrix.shape[1]
+                            and torch.equal(matrix, torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device))}
