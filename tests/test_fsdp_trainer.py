@@ -46,7 +46,8 @@ GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema"}
 SHARDED = "SHARDED_STATE_DICT"
 CASES = {  # name: (model, rule arguments, per-device batch, gradient accumulation, fsdp_config beyond version 2):
     # global batch 4 in each
-    "dfa_micro": ("gpt2", {"rule": "dfa", "setting": "micro"}, 2, 1, {}),
+    # DFA as examples/run_wikitext.py runs it: identity feedback, every point handed a view of the one error tensor
+    "dfa_micro": ("gpt2", {"rule": "dfa", "setting": "micro", "feedback_init": "identity"}, 2, 1, {}),
     "grape_micro": ("gpt2", {**GRAPE, "setting": "micro", "block_lr_scale": 0.5}, 1, 2, {}),
     # accelerate's default wrap policy also wraps ViTEmbeddings and then fails on its patch embeddings inside:
     # name the layers, as a ViT user of accelerate must (tests/test_fsdp.py)
