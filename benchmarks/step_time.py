@@ -123,7 +123,6 @@ def run(flags):
             trainers[name] = make_trainer(flags, overrides, out)
         times = {name: [] for name in trainers}
         cpu = {name: [] for name in trainers}
-        round_cpu = {name: [] for name in trainers}  # per round: the mean CPU time of the variant's block
         memory = {}
         # Rounds of blocks: each variant runs `warmup` unmeasured steps, then `block` measured ones.
         # Blocks rather than single interleaved steps: switching model at every step makes each
@@ -142,7 +141,6 @@ def run(flags):
                     if i >= flags.warmup:
                         times[name].append(time.perf_counter() - start)
                         cpu[name].append(time.process_time() - start_cpu)
-                round_cpu[name].append(statistics.mean(cpu[name][-flags.block:]))
         if device.type != "cuda":  # untimed: the hook costs a Python call per saved tensor
             for name, (trainer, batch) in trainers.items():
                 trainer.state.global_step = 0  # an estimating step for the GrAPE variants
@@ -160,7 +158,8 @@ def run(flags):
     bp_mean, bp_cpu = statistics.mean(times["bp"]), statistics.mean(cpu["bp"])
     for name in trainers:
         median, mean, used = statistics.median(times[name]), statistics.mean(times[name]), statistics.mean(cpu[name])
-        rounds = [a / b for a, b in zip(round_cpu[name], round_cpu["bp"])]
+        rounds = [statistics.mean(cpu[name][i:i + flags.block]) / statistics.mean(cpu["bp"][i:i + flags.block])
+                  for i in range(0, len(cpu[name]), flags.block)]  # each round's block against BP's
         print(f"| {name} | {median:.4f} | {median / bp_time:.2f} | {mean:.4f} | {mean / bp_mean:.2f} | {used:.4f} | "
               f"{used / bp_cpu:.2f} | {memory[name] / 2**20:.1f} | {memory[name] / bp_memory:.2f} | "
               f"{statistics.median(rounds):.2f} ({min(rounds):.2f}-{max(rounds):.2f}) |")
