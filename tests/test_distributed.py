@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, default_data_collator
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
-from launch import launch_workers
+from launch import launched_folder
 from tiny_models import VOCAB, tiny_gpt2
 
 PROCESSES, BATCH, STEPS = 2, 2, 3
@@ -82,9 +82,7 @@ def worker(output: str) -> None:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Run the worker in PROCESSES real processes (gloo on CPU); the folder of their records."""
-    output = tmp_path_factory.mktemp("distributed")
-    launch_workers(__file__, output, PROCESSES)
-    return output
+    return launched_folder(tmp_path_factory, __file__, PROCESSES)
 
 
 @pytest.mark.parametrize("rule", list(RULES))

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from launch import launch_workers
+from launch import close, launched_folder
 from tiny_models import VOCAB, image_batch, tiny_gpt2, tiny_llama, tiny_vit
 
 from grape_hf import GrapeTrainingArguments
@@ -31,7 +31,6 @@ from grape_hf.fsdp import fsdp_refusal
 from grape_hf.rules import RULES
 
 PROCESSES, BATCH, STEPS, LR = 2, 2, 3, 0.1
-RTOL, ATOL = 1e-6, 1e-9  # ATOL: ViT's key biases, whose gradient is zero up to rounding (softmax ignores shifts)
 GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema"}
 CASES = {  # name: (model, wrapped block classes, rule arguments, micro-batches per step)
     "dfa_micro": ("gpt2", None, {"rule": "dfa", "setting": "micro"}, 1),
@@ -178,14 +177,8 @@ def worker(output: str) -> None:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Run the worker in PROCESSES real processes (gloo on CPU); the folder of their records."""
-    output = tmp_path_factory.mktemp("fsdp")
-    launch_workers(__file__, output, PROCESSES)
-    return output
+    return launched_folder(tmp_path_factory, __file__, PROCESSES)
 
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """|a - b| <= RTOL |b| + ATOL (Frobenius norms)."""
-    return float((a.double() - b.double()).norm()) <= RTOL * float(b.double().norm()) + ATOL
 
 
 @pytest.mark.parametrize("case", list(CASES))

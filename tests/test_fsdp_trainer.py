@@ -36,12 +36,11 @@ import sys
 
 import pytest
 import torch
-from launch import launch_workers
+from launch import close, launched_folder
 from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, image_batch, tiny_gpt2, tiny_llama, tiny_vit
 
 PROCESSES, STEPS, SAVE_STEPS = 2, 4, 2
-RTOL, ATOL = 1e-6, 1e-9  # ATOL: ViT's key biases, whose gradient is zero up to rounding (softmax ignores shifts)
 GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema"}
 SHARDED = "SHARDED_STATE_DICT"
 CASES = {  # name: (model, rule arguments, per-device batch, gradient accumulation, fsdp_config beyond version 2):
@@ -200,18 +199,12 @@ def worker(output: str) -> None:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Run the worker in PROCESSES real processes (gloo on CPU); the folder of their records and checkpoints."""
-    output = tmp_path_factory.mktemp("fsdp_trainer")
-    launch_workers(__file__, output, PROCESSES)
-    return output
+    return launched_folder(tmp_path_factory, __file__, PROCESSES)
 
 
 def records(launched, case: str, run: str) -> list[dict[str, torch.Tensor]]:
     return [load_file(str(launched / f"{case}_{run}_rank{rank}.safetensors")) for rank in range(PROCESSES)]
 
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """|a - b| <= RTOL |b| + ATOL (Frobenius norms)."""
-    return float((a.double() - b.double()).norm()) <= RTOL * float(b.double().norm()) + ATOL
 
 
 @pytest.mark.parametrize("case", list(CASES))
