@@ -17,7 +17,11 @@ Hub image classification data set (see `grape_hf.data.images`). No augmentation.
 Defaults are the paper's setting (GrAPE, section 4): Adam (AdamW without weight decay) with lr 1e-4,
 multiplied by 0.95 after every epoch, batch 256, 100 epochs; an evaluation every epoch. Where the
 Trainer's own default differs (lr 5e-5, batch 8, 3 epochs, linear decay) the script's default wins
-unless you pass the flag.
+unless you pass the flag. DRTP and PEPITA on the MLP/CNN models take their published regime from the
+library's table (`grape_hf.recommended.REGIMES`: DRTP tanh units, SGD with Nesterov momentum, lr 0.05;
+PEPITA one hidden layer, SGD with momentum, lr 0.01, weight decay 1e-4), each part unless you pass its flag
+(`--config_overrides` replaces the regime's model fields). The feedback fields the table recommends
+(`feedback_init`, `block_lr_scale`, `grape_*`) are resolved by the library when the rule is installed.
 
 `--preset cpu`: a run of a few minutes on 2 CPU cores, to check the whole pipeline and see learning:
 3 epochs at the paper's lr and batch, `--use_cpu`, no checkpoints, no reporting. A preset only
@@ -48,7 +52,8 @@ from grape_hf import GrapeTrainer, GrapeTrainingArguments
 from grape_hf.cli import parse_script_args, publish, setup_logging
 from grape_hf.data.eval_metrics import load_metric
 from grape_hf.data.images import HUB_ALIASES, ImageData, load_image_dataset
-from grape_hf.models import MODEL_NAMES, build_image_model
+from grape_hf.models import MODEL_NAMES, MODEL_TYPES, build_image_model
+from grape_hf.recommended import REGIMES
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +178,21 @@ PRESETS = {
 }
 
 
+def regime_defaults(chosen: dict) -> dict:
+    """The published regime of the chosen rule on the chosen model, from the library's table
+    (`grape_hf.recommended.REGIMES`: DRTP's tanh units and SGD, PEPITA's one hidden layer and SGD): its Trainer
+    fields, and its model fields as `config_overrides`. Each applies unless the user passed that flag."""
+    regime = REGIMES.get((MODEL_TYPES.get(chosen["model"]), chosen["rule"]))
+    if regime is None:
+        return {}
+    return {**regime.trainer, **({"config_overrides": json.dumps(regime.model)} if regime.model else {})}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ImageTrainingArguments]:
-    """The three dataclasses from the command line or one JSON file, over the script defaults and preset."""
-    return parse_script_args((ModelArguments, DataArguments, ImageTrainingArguments), SCRIPT_DEFAULTS, PRESETS, argv)
+    """The three dataclasses from the command line or one JSON file, over the script defaults, the chosen rule's
+    published regime (`regime_defaults`) and the preset."""
+    return parse_script_args((ModelArguments, DataArguments, ImageTrainingArguments), SCRIPT_DEFAULTS, PRESETS, argv,
+                             regime_defaults)
 
 
 def build_model(model_args: ModelArguments, data: ImageData) -> PreTrainedModel:
@@ -259,6 +276,10 @@ def main(argv: list[str] | None = None):
             "normalisation": {"mean": data.mean, "std": data.std},
             "rule": training_args.rule,
             "setting": training_args.setting,
+            # The recommended fields as this run resolved them (grape_hf.recommended), with their origins.
+            "settings": trainer.feedback.settings.as_dict() if trainer.feedback is not None else None,
+            "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+            "optim_args": training_args.optim_args,
             "model": dataclasses.asdict(model_args),
             "data": dataclasses.asdict(data_args),
             "epochs": training_args.num_train_epochs,

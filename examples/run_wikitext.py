@@ -99,16 +99,6 @@ SCRIPT_DEFAULTS = dict(
     log_level_replica="error",
 )
 
-# What makes the feedback rules learn a pre-LN GPT-2 (README, "Learning language models"; the error is read
-# on the residual stream, the library's default for causal LMs): blocks slower than the embeddings and the
-# head; DFA's feedback the skip path's exact Jacobian (identity); GrAPE follows the Jacobians with a larger
-# step and EMA smoothing, and their scale too. Measured by benchmarks/lm_fidelity.py and (the scale)
-# benchmarks/linear_feedback_ceiling.py.
-RULE_DEFAULTS = {
-    "dfa": dict(feedback_init="identity", block_lr_scale=0.3),
-    "grape": dict(block_lr_scale=0.1, grape_lr=0.1, grape_smoothing="ema", grape_track_scale=True),
-}
-
 PRESETS = {
     "cpu": dict(
         n_layer=4, d_model=256, d_ff=1024, n_head=4, vocab_size=8192, dropout=0.0,
@@ -122,8 +112,7 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, GrapeTrainingArguments]:
     """The three dataclasses from the command line or one JSON file, over the script defaults and preset."""
-    return parse_script_args((ModelArguments, DataArguments, GrapeTrainingArguments), SCRIPT_DEFAULTS, PRESETS, argv,
-                             RULE_DEFAULTS)
+    return parse_script_args((ModelArguments, DataArguments, GrapeTrainingArguments), SCRIPT_DEFAULTS, PRESETS, argv)
 
 
 def build_model(model_args: ModelArguments, tokenizer) -> transformers.PreTrainedModel:
@@ -214,6 +203,8 @@ def main():
             "dataset": description,
             "rule": training_args.rule,
             "setting": training_args.setting,
+            # The recommended fields as this run resolved them (grape_hf.recommended), with their origins.
+            "settings": trainer.feedback.settings.as_dict() if trainer.feedback is not None else None,
             "model": dataclasses.asdict(model_args),
             "data": dataclasses.asdict(data_args),
             "eval": metrics,

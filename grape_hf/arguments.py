@@ -14,14 +14,18 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-RULE_NAMES = ("bp", "dfa", "grape", "fa", "drtp", "pepita")
+RULE_NAMES = ("bp", "dfa", "grape", "fa", "drtp", "pepita", "mezo")
 FEEDBACK_RULES = RULE_NAMES[1:]  # every rule but bp
+MATRIX_RULES = ("dfa", "grape", "fa", "drtp", "pepita")  # the rules with random feedback matrices (not mezo)
 DIRECT_RULES = ("dfa", "grape", "drtp")  # one error projected to feedback points (grape_hf.direct)
 SETTINGS = ("macro", "micro")
 FEEDBACK_INITS = ("normal", "uniform", "kaiming_uniform", "identity")
 ERROR_POINTS = ("head_input", "logits", "residual")
 ALIGNMENTS = ("frobenius", "columns")
 SMOOTHINGS = ("none", "cma", "ema")
+# What an unset field of grape_hf.recommended.RECOMMENDED_FIELDS becomes (end of its help text).
+RECOMMENDED = ("the value grape_hf.recommended's table measured best for the rule on this kind of model, chosen when "
+               "the rule is installed (logged, and on trainer.feedback.settings).")
 
 # Old name -> new name, accepted (with a FutureWarning) until grape_hf 0.3.
 DEPRECATED_NAMES = {
@@ -116,7 +120,13 @@ def deprecated_field(new: str):
 
 @dataclass
 class GrapeTrainingArguments(TrainingArguments):
-    """Arguments of `GrapeTrainer`: every `TrainingArguments` field, plus the rule's, grouped by owner."""
+    """Arguments of `GrapeTrainer`: every `TrainingArguments` field, plus the rule's, grouped by owner.
+
+    The fields of `grape_hf.recommended.RECOMMENDED_FIELDS` (feedback_init, block_lr_scale, grape_lr,
+    grape_smoothing, grape_track_scale) are None until the rule is installed on a model, which fills each unset
+    one from the table of what the benchmarks measured best for that rule on that kind of model; a value given
+    here always wins. The trainer's `args` and `trainer.feedback.args` hold the resolved values; this object
+    keeps what was given."""
 
     # Every rule ------------------------------------------------------------------------------
     rule: str = rule_field(
@@ -124,16 +134,23 @@ class GrapeTrainingArguments(TrainingArguments):
         "Learning rule: 'bp' (stock backpropagation), 'dfa' (Direct Feedback Alignment), 'grape' (DFA with feedback "
         "aligned to forward-mode Jacobian estimates), and the paper's baselines for MLPs/CNNs: 'fa' (Feedback "
         "Alignment: random B in place of W^T, layer by layer), 'drtp' (DFA projecting the one-hot target instead of "
-        "the error; classifiers) and 'pepita' (a second forward on the error-modulated input; MLPs only).",
+        "the error; classifiers) and 'pepita' (a second forward on the error-modulated input; MLPs only); 'mezo' "
+        "(zeroth-order SGD from two perturbed forwards, the fine-tuning baseline of Malladi et al. 2023).",
         choices=list(RULE_NAMES))
-    feedback_init: str = rule_field(
-        "normal", FEEDBACK_RULES,
+    feedback_init: str | None = rule_field(
+        None, MATRIX_RULES,
         "Distribution of the random feedback matrices: 'normal' or 'uniform' (variance 1/error_features), or "
         "'kaiming_uniform' (He uniform, variance 2/error_features), or 'identity' (B_k = I: points as wide as the "
-        "error, e.g. on a pre-LN residual stream read with error_point='residual').", choices=list(FEEDBACK_INITS))
+        "error, e.g. on a pre-LN residual stream read with error_point='residual'). Unset: " + RECOMMENDED,
+        choices=list(FEEDBACK_INITS))
     feedback_seed: int | None = rule_field(
         None, FEEDBACK_RULES,
         "Seed of the feedback matrices (default: `seed`). Same seed, same matrices on every process and every run.")
+    pretrained: bool | None = rule_field(
+        None, FEEDBACK_RULES,
+        "Whether the model is a pretrained checkpoint being fine-tuned, which picks the recommended settings "
+        "(grape_hf.recommended). Unset: a model with a name_or_path (loaded with from_pretrained) is; set False for "
+        "a model built from a loaded config (from_config keeps the config's name).")
     bp_calibration_steps: int = rule_field(
         0, FEEDBACK_RULES,
         "Every N-th optimizer step is a true BP step on its batch (the GrAPE revision's calibration; 0: never).")
@@ -160,12 +177,13 @@ class GrapeTrainingArguments(TrainingArguments):
         None, DIRECT_RULES,
         "Name the feedback-point modules yourself: names from model.named_modules(), where '*' stands for one dotted "
         "component ('transformer.h.*.attn'); overrides `setting`.")
-    block_lr_scale: float = rule_field(
-        1.0, DIRECT_RULES,
+    block_lr_scale: float | None = rule_field(
+        None, DIRECT_RULES,
         "Learning-rate multiplier of the blocks' parameters (those only feedback reaches; the embeddings, the final "
         "norm and the head keep learning_rate): a block's step changes the Jacobians its feedback should follow, "
         "so the feedback rules learn language models only with slower blocks (README, learning). Applied as "
-        "optimizer parameter groups, so every optimizer and scheduler of the Trainer works; 0 freezes the blocks.")
+        "optimizer parameter groups, so every optimizer and scheduler of the Trainer works; 0 freezes the blocks. "
+        "Unset: " + RECOMMENDED)
     alignment_probe_steps: int = rule_field(
         0, DIRECT_RULES,
         "Every N optimizer steps, log the true alignment: cos(B_k e, true dL/dh_k) per point, from one extra BP "
@@ -178,25 +196,25 @@ class GrapeTrainingArguments(TrainingArguments):
         "gradients; CPU and one process only; on 2 cores no faster than torch's own threads (README, Speed).")
 
     # GrAPE ------------------------------------------------------------------------------------
-    grape_lr: float = rule_field(
-        1e-3, ("grape",),
+    grape_lr: float | None = rule_field(
+        None, ("grape",),
         "SGD step size of the feedback update on 1 - cos(B, T), taken on the unit-norm matrix (or unit columns), so "
-        "it is a rotation of about this many radians per step.")
+        "it is a rotation of about this many radians per step (the paper: 1e-3). Unset: " + RECOMMENDED)
     grape_alignment: str = rule_field(
         "frobenius", ("grape",),
         "'frobenius' (cosine of whole matrices, constant matrix norm: the paper's text) or 'columns' (per-column "
         "cosines, unit columns: the revised method). DFA's probe logs the same cosine.", choices=list(ALIGNMENTS))
-    grape_smoothing: str = rule_field(
-        "none", ("grape",),
+    grape_smoothing: str | None = rule_field(
+        None, ("grape",),
         "Average the Jacobian estimates over steps: 'none', 'cma' (cumulative moving average, as in the paper) or "
-        "'ema' (exponential, decay `grape_ema_decay`).", choices=list(SMOOTHINGS))
+        "'ema' (exponential, decay `grape_ema_decay`). Unset: " + RECOMMENDED, choices=list(SMOOTHINGS))
     grape_ema_decay: float = rule_field(0.9, ("grape",), "Decay of the 'ema' smoothing.")
-    grape_track_scale: bool = rule_field(
-        False, ("grape",),
+    grape_track_scale: bool | None = rule_field(
+        None, ("grape",),
         "After each alignment step, give B_k (or each column, with grape_alignment='columns') the length of its "
         "smoothed target along its new direction, so it follows the Jacobian's scale as well as its direction "
         "(off: B_k keeps its initial norm, as in the paper). On the LM of benchmarks/lm_fidelity.py, 0.01 nats lower "
-        "at every checkpoint over two seeds (README, learning).")
+        "at every checkpoint over two seeds (README, learning). Unset: " + RECOMMENDED)
     grape_update_steps: int = rule_field(
         1, ("grape",),
         "Estimate the Jacobians every N-th optimizer step (the update in between uses the smoothed estimate; needs "
@@ -217,6 +235,20 @@ class GrapeTrainingArguments(TrainingArguments):
     pepita_mirror_noise: float = rule_field(
         0.1, ("pepita",), "Standard deviation of the noise fed to each layer when mirroring.")
 
+    # MeZO -------------------------------------------------------------------------------------
+    mezo_eps: float = rule_field(
+        1e-3, ("mezo",),
+        "Scale of MeZO's perturbation: the loss is measured at theta + eps z and theta - eps z, z ~ N(0, I) per "
+        "trainable parameter (1e-3 in Malladi et al. 2023). Too small and the loss difference drowns in rounding "
+        "(bf16/fp16 forwards: keep it at 1e-3 or above); too large and it no longer measures the slope.")
+    mezo_exact_restore: bool = rule_field(
+        True, ("mezo",),
+        "Restore the parameters after MeZO's two perturbed forwards from a copy of the trainable parameters, bit for "
+        "bit (freed before the backward: without gradient accumulation the step's peak memory is unchanged). Off: "
+        "restore in place as the paper's code does (theta += eps z, -= 2 eps z, += eps z), no copy, but a rounding "
+        "drift of up to one unit in the last place per weight and step (~5e-8 of a float32 weight, ~2e-3 of a "
+        "bf16 one).")
+
     # Old names, kept for one release ----------------------------------------------------------
     feedback_lr: float | None = deprecated_field("grape_lr")
     feedback_alignment: str | None = deprecated_field("grape_alignment")
@@ -230,15 +262,18 @@ class GrapeTrainingArguments(TrainingArguments):
         self._move_deprecated_names()
         check_choice("rule", self.rule, RULE_NAMES)
         check_choice("setting", self.setting, SETTINGS)
-        check_choice("feedback_init", self.feedback_init, FEEDBACK_INITS)
+        if self.feedback_init is not None:
+            check_choice("feedback_init", self.feedback_init, FEEDBACK_INITS)
         if self.error_point is not None:
             check_choice("error_point", self.error_point, ERROR_POINTS)
         check_choice("grape_alignment", self.grape_alignment, ALIGNMENTS)
-        check_choice("grape_smoothing", self.grape_smoothing, SMOOTHINGS)
+        if self.grape_smoothing is not None:
+            check_choice("grape_smoothing", self.grape_smoothing, SMOOTHINGS)
         self._check_types_and_ranges()
         if self.feedback_seed is None:
             self.feedback_seed = self.seed
-        if self.rule != "bp" and (self.activation_checkpointing or self.gradient_checkpointing):
+        # MeZO's forwards run without autograd: nothing is recomputed, so checkpointing is harmless there
+        if self.rule not in ("bp", "mezo") and (self.activation_checkpointing or self.gradient_checkpointing):
             raise ValueError(
                 f"activation (gradient) checkpointing does not work with rule={self.rule!r}: recomputing a block "
                 "runs its feedback hooks twice. Turn activation_checkpointing off."
@@ -247,16 +282,18 @@ class GrapeTrainingArguments(TrainingArguments):
     def _check_types_and_ranges(self) -> None:
         """Check every number, bool and list this class adds (the Trainer's own fields are `TrainingArguments`'),
         converting what has one clear meaning (a bool string, a single module name)."""
-        self.grape_lr = check_number("grape_lr", self.grape_lr, lambda v: v > 0, "> 0 (the paper uses 1e-3)")
+        if self.grape_lr is not None:
+            self.grape_lr = check_number("grape_lr", self.grape_lr, lambda v: v > 0, "> 0 (the paper uses 1e-3)")
         self.grape_ema_decay = check_number("grape_ema_decay", self.grape_ema_decay, lambda v: 0 < v < 1,
                                             "in (0, 1)")
         self.grape_update_steps = check_number("grape_update_steps", self.grape_update_steps, lambda v: v >= 1,
                                                ">= 1", integer=True)
-        if self.grape_update_steps > 1 and self.grape_smoothing == "none":
+        if self.grape_update_steps > 1 and self.grape_smoothing == "none":  # unset: checked once resolved
             raise ValueError("grape_update_steps > 1 updates the feedback from smoothed estimates between "
                              "estimates: set grape_smoothing to 'cma' or 'ema'.")
-        self.block_lr_scale = check_number("block_lr_scale", self.block_lr_scale, lambda v: v >= 0,
-                                           ">= 0 (1: the blocks at learning_rate; 0: frozen)")
+        if self.block_lr_scale is not None:
+            self.block_lr_scale = check_number("block_lr_scale", self.block_lr_scale, lambda v: v >= 0,
+                                               ">= 0 (1: the blocks at learning_rate; 0: frozen)")
         self.alignment_probe_steps = check_number("alignment_probe_steps", self.alignment_probe_steps,
                                                   lambda v: v >= 0, ">= 0 (0: off)", integer=True)
         self.parallel_backward = check_number("parallel_backward", self.parallel_backward, lambda v: v >= 0,
@@ -275,11 +312,15 @@ class GrapeTrainingArguments(TrainingArguments):
         self.pepita_mirror_noise = check_number("pepita_mirror_noise", self.pepita_mirror_noise, lambda v: v > 0,
                                                 "> 0")
         self.feedback_embeddings = check_bool("feedback_embeddings", self.feedback_embeddings)
-        self.grape_track_scale = check_bool("grape_track_scale", self.grape_track_scale)
+        for name in ("grape_track_scale", "pretrained"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_bool(name, getattr(self, name)))
         self.feedback_modules = check_names("feedback_modules", self.feedback_modules)
         if self.head_module is not None and not (isinstance(self.head_module, str) and self.head_module):
             raise ValueError(f"head_module={self.head_module!r} is not valid; give a module name from "
                              "model.named_modules() such as 'lm_head', or None (found from the model).")
+        self.mezo_eps = check_number("mezo_eps", self.mezo_eps, lambda v: v > 0, "> 0 (the paper uses 1e-3)")
+        self.mezo_exact_restore = check_bool("mezo_exact_restore", self.mezo_exact_restore)
 
     def _move_deprecated_names(self) -> None:
         """Give each deprecated name's value to its new field, with a FutureWarning."""

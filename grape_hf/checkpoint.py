@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def feedback_metadata(rule, args) -> dict[str, str]:
-    """The header of `feedback.safetensors`: format, rule, setting, point names (forward order), tap
-    and the number of processes of the run (`save_feedback` adds the entries)."""
+    """The header of `feedback.safetensors`: format, rule, setting, point names (forward order), tap,
+    the number of processes of the run and the rule's resolved recommended settings (`Rule.settings`;
+    `save_feedback` adds the entries)."""
     return {"format": FORMAT, "rule": args.rule, "setting": args.setting,
-            "points": json.dumps(list(rule.point_names)), "tap": rule.tap_name, "processes": str(args.world_size)}
+            "points": json.dumps(list(rule.point_names)), "tap": rule.tap_name, "processes": str(args.world_size),
+            "settings": json.dumps(rule.settings.values)}
 
 
 def state_problem(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
@@ -125,6 +127,7 @@ def load_feedback(rule, args, directory: str) -> None:
     check_entries(metadata, tensors, path)
     rule.load_state_dict(tensors, source=path)  # checks every entry (dtype, values, what the rule needs)
     warn_on_other_processes(metadata, args, path)
+    warn_on_other_settings(metadata, expected, path)
 
 
 def check_entries(metadata: dict[str, str], tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -161,3 +164,17 @@ def warn_on_other_processes(metadata: dict[str, str], args, path: str) -> None:
         path, saved, now, saved, now,
         " GrAPE's perturbations are drawn per global batch, so its estimates and feedback updates differ from here "
         "on." if args.rule == "grape" else "", saved)
+
+
+def warn_on_other_settings(metadata: dict[str, str], expected: dict[str, str], path: str) -> None:
+    """Warn when `path` was written with other recommended settings (`feedback_init`, `block_lr_scale`, ...) than
+    this run resolved (files without them pass): the feedback state fits, but the run no longer continues as it
+    was (a value given differently, or another release's table)."""
+    if "settings" not in metadata or metadata["settings"] == expected["settings"]:
+        return
+    saved, now = json.loads(metadata["settings"]), json.loads(expected["settings"])
+    changed = {name: (saved.get(name), value) for name, value in now.items() if saved.get(name) != value}
+    logger.warning("%s was written with other settings than this run resolves: %s. Training goes on from the checkpoint, "
+                   "but no longer as the saved run would (the optimizer's learning rates are the checkpoint's); pass "
+                   "the checkpoint's values to continue it exactly.", path,
+                   ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()))

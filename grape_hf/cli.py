@@ -35,26 +35,31 @@ def explicit_flags(argv: list[str]) -> set[str]:
     return names
 
 
+# Fields whose chosen value decides other defaults (the preset; the rule and model, for a rule's published regime).
+DECIDING = ("preset", "rule", "model")
+
+
 def parse_script_args(dataclass_types: tuple, script_defaults: dict, presets: dict[str, dict],
-                      argv: list[str] | None = None, rule_defaults: dict[str, dict] | None = None) -> tuple:
+                      argv: list[str] | None = None, chosen_defaults=None) -> tuple:
     """Parse `dataclass_types` (one of them has a `preset` field, one a `rule` field) from `argv` (default
-    `sys.argv[1:]`) or from one JSON file, over `script_defaults`, the chosen rule's `rule_defaults` and
-    the chosen preset's values."""
+    `sys.argv[1:]`) or from one JSON file, over `script_defaults`, `chosen_defaults(chosen)` (a function of
+    the values chosen for the `DECIDING` fields the dataclasses have, e.g. {'rule': 'drtp', 'model': 'mlp'},
+    returning defaults) and the chosen preset's values."""
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
-    rule_default = next(f.default for t in dataclass_types for f in dataclasses.fields(t) if f.name == "rule")
+    deciding = {f.name: f.default for t in dataclass_types for f in dataclasses.fields(t) if f.name in DECIDING}
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0], encoding="utf-8") as f:
             given = json.load(f)
-        preset, rule = given.get("preset"), given.get("rule", rule_default)
+        chosen = {name: given.get(name, default) for name, default in deciding.items()}
     else:
         given = explicit_flags(argv)
-        peek = argparse.ArgumentParser(add_help=False)  # the preset and rule decide the defaults: read them first
-        peek.add_argument("--preset")
-        peek.add_argument("--rule", default=rule_default)
-        peeked = peek.parse_known_args(argv)[0]
-        preset, rule = peeked.preset, peeked.rule
-    defaults = {**script_defaults, **(rule_defaults or {}).get(rule, {}), **presets.get(preset, {})}
+        peek = argparse.ArgumentParser(add_help=False)  # these decide the defaults: read them first
+        for name, default in deciding.items():
+            peek.add_argument(f"--{name}", default=default)
+        chosen = vars(peek.parse_known_args(argv)[0])
+    defaults = {**script_defaults, **(chosen_defaults(chosen) if chosen_defaults else {}),
+                **presets.get(chosen.get("preset"), {})}
     defaults = {name: value for name, value in defaults.items()
                 if name not in given and not any(flag in given for flag in IMPLIED_BY.get(name, ()))}
     if isinstance(given, dict):  # JSON: the file's values win over the defaults

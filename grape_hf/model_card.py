@@ -39,6 +39,7 @@ RULE_TITLES = {
     "fa": "Feedback Alignment (FA, Lillicrap et al. 2016)",
     "drtp": "Direct Random Target Projection (DRTP, Frenkel et al. 2021)",
     "pepita": "PEPITA (Dellaferrera & Kreiman 2022)",
+    "mezo": "MeZO (zeroth-order SGD from two perturbed forwards, Malladi et al. 2023)",
 }
 ALIGNMENT_PREFIXES = ("alignment", "true_alignment")
 MASK = "***"  # what a card shows in place of a secret (a card may be public: `push_to_hub` uploads it)
@@ -52,6 +53,21 @@ def template_kind(model) -> str | None:
     if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
     return None
+
+
+def peft_adapter(model) -> dict[str, object] | None:
+    """What a card says of a PEFT model (`peft.PeftModel`, read without importing peft), or None for any other model:
+    `method` (LoRA, DoRA, IA3, ...), `peft_type` (the config's, e.g. 'LORA'), `base_model` (the config's
+    `base_model_name_or_path`: a Hub id or a local folder), `trainable` (the adapter's trainable parameters) and
+    `base` (the wrapped transformers model)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs or not hasattr(model, "get_base_model"):
+        return None
+    config = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()))
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    method = "DoRA" if getattr(config, "use_dora", False) else {"LORA": "LoRA"}.get(peft_type, peft_type)
+    return {"method": method, "peft_type": peft_type, "base_model": config.base_model_name_or_path,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "base": model.get_base_model()}
 
 
 def feedback_hyperparameters(args) -> dict[str, object]:
@@ -194,6 +210,9 @@ def render_model_card(trainer, output_dir: str | None = None, command: str | Non
             id, only when the Hub data set itself was used.
     """
     model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = peft_adapter(model)
+    if adapter is not None:  # the card describes the base model, the adapter and the rule
+        model = adapter.pop("base")
     kind = template_kind(model)
     if kind is None:
         logger.warning(f"No grape_hf model card template for {type(model).__name__} (templates: causal LMs and "
@@ -212,6 +231,13 @@ def render_model_card(trainer, output_dir: str | None = None, command: str | Non
     summary = TrainingSummary.from_trainer(trainer, tags=tags, **summary_kwargs)
     metadata = summary.create_metadata()
     metadata["pipeline_tag"] = TASKS[kind]
+    if adapter is not None:  # as PEFT's own cards: the Hub lists the adapter under its base model
+        base = adapter["base_model"]
+        metadata["library_name"] = "peft"
+        metadata["tags"] = [*metadata.get("tags", []), adapter["peft_type"].lower()]
+        if base and not os.path.isdir(base):  # a Hub id, not a local folder
+            metadata["base_model"] = base
+            metadata["tags"].append(f"base_model:adapter:{base}")
 
     eval_results = summary.eval_results or {}
     train_losses = [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]
@@ -225,14 +251,19 @@ def render_model_card(trainer, output_dir: str | None = None, command: str | Non
         num_parameters=model.num_parameters(),
         has_processor=trainer.processing_class is not None,
         finetuned_from=summary.finetuned_from or None,
+        adapter=adapter,
         dataset=_as_text(summary.dataset),
         rule=args.rule,
         rule_title=RULE_TITLES.get(args.rule, args.rule),
         setting=args.setting,
         points=list(feedback.point_names) if feedback is not None else [],
+        # points whose segments hold no trainable parameter (a frozen base under PEFT adapters): cut, no feedback
+        frozen_points=list(getattr(getattr(feedback, "placement", None), "frozen", ())),
         error_point=feedback.error_point if feedback is not None else None,
         head=feedback.head if feedback is not None else None,
         feedback_hyperparameters=feedback_hyperparameters(args),
+        setting_origins=feedback.settings.origins if feedback is not None else {},
+        settings_description=feedback.settings.describe() if feedback is not None else None,
         hyperparameters=summary.hyperparameters,
         global_step=trainer.state.global_step,
         train_loss=train_losses[-1] if train_losses else None,

@@ -22,6 +22,7 @@ from torch import nn
 
 from .direct.matrices import FeedbackMatrices
 from .direct.placement import tap_name
+from .recommended import resolve_settings
 
 PROBE = "alignment probe (set alignment_probe_steps=0)"
 AUDIT = "feedback points to audit"
@@ -49,9 +50,13 @@ class Rule:
 
     Args:
         model: the model to install on (claimed: a second rule on it is refused).
-        args: `GrapeTrainingArguments` (feedback_init, feedback_seed, bp_calibration_steps).
+        args: `GrapeTrainingArguments` (feedback_init, feedback_seed, bp_calibration_steps). Its unset recommended
+            fields are resolved for `model` here (`grape_hf.recommended.resolve_settings`): subclasses read
+            `self.args`, never the `args` they were given, for those fields.
 
     Attributes:
+        args: `args` with every recommended field resolved (a copy; the given object is unchanged).
+        settings: the resolved recommended fields with their origins and source (`grape_hf.recommended.Settings`).
         matrices: the rule's random matrices by name (seeded per name by `feedback_seed`).
         points_reason: None for rules with feedback points; otherwise why the audit and the probe
             do not apply (the text of their refusal).
@@ -68,6 +73,8 @@ class Rule:
                 "that installed it first, or build a fresh model."
             )
         self._refuse_gradient_checkpointing(model, ValueError)
+        self.args, self.settings = resolve_settings(model, args)  # may raise: before the model is claimed
+        args = self.args
         _INSTALLED[model] = self
         self._model = weakref.ref(model)
         self._handles = []
@@ -191,6 +198,11 @@ class Rule:
     def as_trained(self):
         """The mode this rule's training forwards run in (for the audit): plain by default."""
         return contextlib.nullcontext()
+
+    def measure_alignment(self, forward) -> None:
+        """For the alignment probe on a probed step: the rule's own measuring-only figures from `forward()`, a
+        forward of the step's batch that is not trained (DFA: cos(B_k, T_k) of a Jacobian estimate), kept for
+        `pop_logs`; nothing by default. The probe runs it with the random state forked and the buffers restored."""
 
     # State --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ from .arguments import DIRECT_RULES, GrapeTrainingArguments
 from .callbacks import AlignmentPlotCallback, EndFeedbackStepCallback
 from .checkpoint import load_feedback, save_feedback
 from .diagnostics.audit import LocalityReport, audit_network, check_reached
-from .diagnostics.probe import AlignmentProbe
+from .diagnostics.loss_trend import LossTrend
+from .diagnostics.probe import AlignmentProbe, forked_random_state
 from .model_card import write_model_card
 from .rule import Rule, installed_rule
 from .rules import RULES
@@ -31,6 +32,9 @@ class GrapeTrainer(Trainer):
         feedback: the installed rule (a `grape_hf.rule.Rule`: point names, matrices, tap), or None for
             rule 'bp'. `trainer.feedback.remove()` hands the model back exactly as it was.
         probe: the `AlignmentProbe` when `alignment_probe_steps` is set, else None.
+        loss_trend: the `LossTrend` that warns, once, when a feedback rule's training loss climbs (None for 'bp').
+        given_args: the arguments as given; `args` are the rule's, with its recommended fields resolved for the
+            model (`trainer.feedback.settings` says which values came from where).
     """
 
     def __init__(self, model=None, args: GrapeTrainingArguments | None = None, *positional, **kwargs):
@@ -43,6 +47,9 @@ class GrapeTrainer(Trainer):
             )
         self.feedback: Rule | None = None
         self.probe: AlignmentProbe | None = None
+        self.given_args = args  # as given; `self.args` becomes the rule's resolved copy (`_install_feedback`)
+        self.loss_trend: LossTrend | None = None
+        self._step_loss = 0.0  # this optimizer step's loss so far (its micro-batches' shares)
         self._feedback_step = -1  # optimizer step of the last feedback-aware forward
         self._reach_checked = False  # `check_reached` ran (after the first training step)
         self._model_card_kwargs: dict = {}  # the card's arguments given so far; later saves reuse them
@@ -99,9 +106,12 @@ class GrapeTrainer(Trainer):
                 "(from another GrapeTrainer or an audit), which would train it with that rule. Call "
                 "`.feedback.remove()` on the trainer that installed them, or build a fresh model."
             )
-        self.feedback = RULES[self.args.rule](model, self.args)
+        self.feedback = RULES[self.given_args.rule](model, self.given_args)
+        if self.feedback is not None:  # the recommended fields resolved for this model: what the run really uses
+            self.args = self.feedback.args
         steps = self.args.alignment_probe_steps
         self.probe = AlignmentProbe(self.feedback, steps) if steps and self.feedback is not None else None
+        self.loss_trend = LossTrend(self.feedback.name) if self.feedback is not None else None
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer; with `block_lr_scale` != 1 each of its parameter groups is split so that
@@ -109,9 +119,9 @@ class GrapeTrainer(Trainer):
         after, scale from each group's own lr). An optimizer made before (a second `train()`) is returned as is."""
         made_now = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        scale = self.args.block_lr_scale
-        if not made_now or scale == 1.0 or self.feedback is None:
+        if not made_now or self.feedback is None or self.args.block_lr_scale == 1.0:
             return optimizer
+        scale = self.args.block_lr_scale
         blocks = self.feedback.block_parameters()
         if not blocks:
             raise ValueError(f"block_lr_scale={scale} but rule {self.args.rule!r} has no blocks on this model "
@@ -128,16 +138,25 @@ class GrapeTrainer(Trainer):
     def train(self, *positional, **kwargs):
         """The Trainer's `train`; every call starts counting optimizer steps afresh for the rule."""
         self._feedback_step = -1
+        self._step_loss = 0.0
+        if self.loss_trend is not None:
+            self.loss_trend.reset()
         return super().train(*positional, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step; after the first one, every trainable parameter must have received a gradient
         (`check_reached`), so that no placement leaves part of the model silently untrained. Checked after the
-        step's last micro-batch: under FSDP2 the gradients reach the (sharded) parameters only once synced."""
+        step's last micro-batch: under FSDP2 the gradients reach the (sharded) parameters only once synced. Each
+        optimizer step's loss goes to `loss_trend`."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.feedback is not None and not self._reach_checked and self.accelerator.sync_gradients:
             self._reach_checked = True
             check_reached(self.accelerator.unwrap_model(model), self.feedback, self._prepare_inputs(inputs))
+        if self.loss_trend is not None:  # the micro-batches' losses are shares of the step's: summed
+            self._step_loss += float(loss)
+            if self.accelerator.sync_gradients:
+                self.loss_trend.add(self.state.global_step, self._step_loss)
+                self._step_loss = 0.0
         return loss
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -186,7 +205,8 @@ class GrapeTrainer(Trainer):
         if self.probe is not None and self.probe.due(step, first_micro_batch):
             # On the unwrapped model: a forward with no backward must not reach DDP's reducer.
             unwrapped = self.accelerator.unwrap_model(model)
-            self.probe.measure(lambda: Trainer.compute_loss(self, unwrapped, inputs), self.args.device)
+            # A copy of the inputs per forward: Trainer.compute_loss pops the labels under label smoothing.
+            self.probe.measure(lambda: Trainer.compute_loss(self, unwrapped, dict(inputs)), self.args.device)
         compute = super().compute_loss  # the next class's: Trainer's, or SFTTrainer's (grape_hf.sft)
 
         def forward(batch):  # (loss, outputs), outputs None when not asked for (they may cost a forward)
@@ -231,9 +251,20 @@ class GrapeTrainer(Trainer):
         """Run the locality audit (`grape_hf.diagnostics.audit`) on `batch`, or on the first training batch."""
         if self.feedback is None:
             raise ValueError(f"rule={self.args.rule!r} has no feedback points to audit.")
-        if batch is None:
-            batch = next(iter(self.get_train_dataloader()))
+        if batch is None:  # a new data loader's iterator draws its seed from the global generator: forked
+            with forked_random_state(self.args.device):
+                batch = next(iter(self.get_train_dataloader()))
         return audit_network(self.model, self.feedback, self._prepare_inputs(batch), raise_on_leak)
+
+    def evaluate(self, *positional, **kwargs):
+        """The Trainer's `evaluate`; under a feedback rule, on a fork of the random state, so that evaluating
+        during training leaves the training that follows bitwise as without it (the evaluation data loader's
+        iterator draws its seed from the global generator, which would move every later dropout mask). Rule
+        'bp' keeps the stock Trainer's behaviour exactly."""
+        if self.feedback is None:
+            return super().evaluate(*positional, **kwargs)
+        with forked_random_state(self.args.device):
+            return super().evaluate(*positional, **kwargs)
 
 
 def stateless_optimizer_error(trainer: Trainer, error: AssertionError) -> str | None:

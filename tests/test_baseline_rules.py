@@ -217,7 +217,7 @@ def test_pepita_weight_mirroring_step_and_alignment(tmp_path):
     batch = as_batch(image_examples(8))
     std = args.pepita_f_scale * math.sqrt(2 / 16)
 
-    seeded = FeedbackMatrices(args.feedback_init, args.feedback_seed)
+    seeded = FeedbackMatrices(network.args.feedback_init, args.feedback_seed)  # as resolved for the model
     layers = [model.layers[0].linear, model.layers[1].linear, model.classifier]
     factors = normalized([seeded.get(name, l.in_features, l.out_features, torch.device("cpu"))
                           for name, l in zip(network.point_names, layers)], std)
@@ -333,6 +333,13 @@ def test_table1_own_settings_are_the_example_flags_they_claim(tmp_path):
     overrides, drtp = parsed["mnist_mlp", "drtp"]
     assert overrides == {"hidden_act": "tanh"} and drtp.optim_args == "momentum=0.9,nesterov=True"
     assert (drtp.per_device_train_batch_size, drtp.lr_decay_per_epoch, drtp.lr_decay_epochs) == (100, 1, None)
+    # A shared-setting cell stays in the shared setting although the example would apply the published regime.
+    for rule in ("drtp", "pepita"):
+        model_args, _, shared = example.parse_args(["--output_dir", str(tmp_path), "--rule", rule,
+                                                    *table1.shared_flags("mnist_mlp", rule)])
+        assert (shared.optim, shared.learning_rate, shared.weight_decay, model_args.overrides) == (
+            "adamw_torch", 1e-4, 0.0, {})
+    assert table1.shared_flags("mnist_mlp", "dfa") == ()
 
     # 16 examples in batches of 4: 4 steps per epoch, so the decays fall after steps 4 and 8.
     args = example.parse_args(["--output_dir", str(tmp_path), "--rule", "pepita", "--use_cpu", "--optim", "sgd",

@@ -178,20 +178,3 @@ def test_a_flag_the_user_passed_beats_the_preset(monkeypatch, tmp_path):
     _, _, train = run_wikitext.parse_args(["--output_dir", str(tmp_path), "--preset", "cpu", "--logging_steps", "3"])
     assert (train.logging_strategy, train.logging_steps) == ("steps", 3)
     assert parse_script_args is run_wikitext.parse_script_args  # one implementation for both examples
-
-
-def test_run_wikitext_rule_defaults_apply_unless_given(tmp_path):
-    """The example's per-rule defaults (the measured configuration that makes the rules learn) apply to
-    the rule chosen, and never over a flag the user passed."""
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "run_wikitext.py")
-    spec = importlib.util.spec_from_file_location("run_wikitext", path)
-    run_wikitext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_wikitext)
-    out = ["--output_dir", str(tmp_path)]
-    _, _, train = run_wikitext.parse_args(out)  # rule 'dfa' by default
-    assert (train.rule, train.feedback_init, train.block_lr_scale) == ("dfa", "identity", 0.3)
-    _, _, train = run_wikitext.parse_args([*out, "--rule", "grape", "--block_lr_scale", "0.5"])
-    assert (train.feedback_init, train.block_lr_scale, train.grape_lr, train.grape_smoothing) == ("normal", 0.5,
-                                                                                                  0.1, "ema")
-    _, _, train = run_wikitext.parse_args([*out, "--rule", "bp"])
-    assert (train.error_point, train.block_lr_scale) == (None, 1.0)

@@ -46,14 +46,15 @@ SHARDED = "SHARDED_STATE_DICT"
 CASES = {  # name: (model, rule arguments, per-device batch, gradient accumulation, fsdp_config beyond version 2):
     # global batch 4 in each
     # DFA as examples/run_wikitext.py runs it: identity feedback, every point handed a view of the one error tensor
-    "dfa_micro": ("gpt2", {"rule": "dfa", "setting": "micro", "feedback_init": "identity"}, 2, 1, {}),
+    "dfa_micro": ("gpt2", {"rule": "dfa", "setting": "micro", "feedback_init": "identity", "block_lr_scale": 1.0},
+                  2, 1, {}),
     "grape_micro": ("gpt2", {**GRAPE, "setting": "micro", "block_lr_scale": 0.5}, 1, 2, {}),
     # accelerate's default wrap policy also wraps ViTEmbeddings and then fails on its patch embeddings inside:
     # name the layers, as a ViT user of accelerate must (tests/test_fsdp.py)
     "drtp_vit_sharded": ("vit", {"rule": "drtp", "setting": "macro"}, 2, 1,
                          {"state_dict_type": SHARDED, "reshard_after_forward": False,
                           "transformer_layer_cls_to_wrap": "ViTLayer"}),
-    "grape_llama": ("llama", {**GRAPE, "setting": "macro"}, 2, 1, {}),
+    "grape_llama": ("llama", {**GRAPE, "setting": "macro", "block_lr_scale": 1.0}, 2, 1, {}),
 }
 BUILD = {"gpt2": tiny_gpt2, "llama": tiny_llama, "vit": tiny_vit}
 RUNS = ("ddp", "fsdp", "resumed")

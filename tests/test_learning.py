@@ -43,11 +43,13 @@ def test_dfa_lowers_eval_loss(corpus, tmp_path):
 
 
 def test_grape_aligns_better_and_trains_faster_than_dfa(corpus, tmp_path):
-    """At equal steps, GrAPE's feedback is closer to the true gradient (the probe's cosine) and
-    its training loss is lower. grape_lr 0.1 with EMA smoothing: the paper's 1e-3 aligns too
+    """At equal steps, from the same random feedback, GrAPE's feedback is closer to the true gradient (the probe's
+    cosine) and its training loss is lower. grape_lr 0.1 with EMA smoothing: the paper's 1e-3 aligns too
     slowly to show in 100 steps."""
     results = {}
-    for rule, extra in [("dfa", {}), ("grape", dict(grape_lr=0.1, grape_smoothing="ema"))]:
+    random = dict(feedback_init="normal", block_lr_scale=1.0)  # the paper's DFA, not the LM's recommended identity
+    for rule, extra in [("dfa", random),
+                        ("grape", dict(**random, grape_lr=0.1, grape_smoothing="ema", grape_track_scale=False))]:
         trainer = train(corpus, tmp_path / rule, max_steps=100, rule=rule, alignment_probe_steps=10, **extra)
         trainer.train()
         results[rule] = trainer.state.log_history[0]
@@ -57,15 +59,16 @@ def test_grape_aligns_better_and_trains_faster_than_dfa(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("rule, options, margin", [
-    ("dfa", dict(block_lr_scale=0.03), 0.08),  # measured: 5.34 against 5.52 frozen (2 x 64, 300 steps, seed 0)
-    ("dfa", dict(feedback_init="identity", block_lr_scale=0.3), 0.2),  # measured: 4.94 against 5.26 frozen
-    ("grape", dict(block_lr_scale=0.1, grape_lr=0.1, grape_smoothing="ema"), 0.2),  # 4.79 against 5.24; BP 4.79
+    # the paper's random feedback: measured 5.34 against 5.52 frozen (2 x 64, 300 steps, seed 0)
+    ("dfa", dict(feedback_init="normal", block_lr_scale=0.03), 0.08),
+    ("dfa", dict(), 0.2),  # the recommended settings (identity, blocks at 0.3 x): 4.94 against 5.26 frozen
+    ("grape", dict(), 0.2),  # the recommended settings (identity init, blocks at 0.3 x, grape_lr 0.1, ema, scale)
 ])
 def test_block_updates_help_with_the_learning_configuration(corpus, tmp_path, rule, options, margin):
-    """With the error read on the residual stream and slower blocks (README, learning language models),
-    the rule's block updates lower the eval loss against the same run with its blocks frozen."""
+    """With the error read on the residual stream and slower blocks (docs: language models), the rule's block
+    updates lower the eval loss against the same run with its blocks frozen."""
     losses = {}
-    for name, scale in (("trained", options["block_lr_scale"]), ("frozen", 0.0)):
+    for name, scale in (("trained", options.get("block_lr_scale")), ("frozen", 0.0)):
         trainer = train(corpus, tmp_path / name, max_steps=300, rule=rule, error_point="residual",
                         **{**options, "block_lr_scale": scale})
         trainer.train()

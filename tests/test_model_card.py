@@ -64,9 +64,10 @@ def test_card_states_rule_feedback_data_metrics_alignment_citation_and_reproduct
     assert "| rule | `grape` |" in text and "| setting | `micro` |" in text
     points = trainer.feedback.point_names
     assert f"| feedback points | {len(points)}: " + ", ".join(f"`{p}`" for p in points) + " |" in text
-    for name, value in [("grape_lr", 0.01), ("grape_alignment", "frobenius"), ("alignment_probe_steps", 2),
-                        ("feedback_seed", 0), ("feedback_init", "normal")]:
-        assert f"| {name} | `{value}` |" in text
+    for name, value in [("grape_lr", "0.01` (given)"), ("grape_alignment", "frobenius`"),
+                        ("alignment_probe_steps", "2`"), ("feedback_seed", "0`"),
+                        ("feedback_init", "identity` (recommended)"), ("grape_smoothing", "ema` (recommended)")]:
+        assert f"| {name} | `{value} |" in text  # the recommended fields say where their value came from
     assert "input of `transformer.ln_f`" in text  # error_point="residual", the causal-LM default
 
     # The data set really used, the final eval metrics and the training table, as logged.

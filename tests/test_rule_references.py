@@ -12,14 +12,18 @@ one GrapeTrainer step with plain SGD (no clipping, no decay) must move every wei
     gW_l = d_l^T h_{l-1},  gb_l = sum_n d_l
     PEPITA  e' = softmax(z) - y*, second pass on x' = x - e' F^T giving h1', h2':
             gW1 = ((h1 - h1')/N)^T x',  gW2 = ((h2 - h2')/N)^T h1',  gW3 = (e'/N)^T h2'  (Dellaferrera & Kreiman 2022)
+    MeZO    z_W ~ N(0, I) per weight from its step seed, L(.) the mean cross-entropy,
+            g = (L(W + eps z) - L(W - eps z)) / (2 eps),  gW = g z_W               (Malladi et al. 2023)
 
 GrAPE's feedback step (the estimate T_k = mean_n outer(u_k, d) and one SGD step on 1 - cos(B_k, T_k))
 is checked the same way against a hand-written tangent and autograd on the cosine's definition.
 """
 
+import hashlib
+
 import pytest
 import torch
-from torch.nn.functional import one_hot, softmax
+from torch.nn.functional import cross_entropy, one_hot, softmax
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
 from grape_hf.direct.matrices import FeedbackMatrices
@@ -27,6 +31,7 @@ from grape_hf.models import MLPConfig, MLPForImageClassification
 from grape_hf.rules import RULES
 
 N, SIDE, HIDDEN, CLASSES, LR = 8, 4, 12, 5, 0.5
+MEZO_EPS = 0.1  # large enough that g, a difference of two float32 losses, is exact to ~1e-6
 PARAMS = {"W1": "layers.0.linear.weight", "b1": "layers.0.linear.bias", "W2": "layers.1.linear.weight",
           "b2": "layers.1.linear.bias", "W3": "classifier.weight", "b3": "classifier.bias"}
 
@@ -60,8 +65,20 @@ def layer_grads(deltas: list, inputs: list) -> dict:
     return grads
 
 
+def mezo_direction(key: str, like: torch.Tensor) -> torch.Tensor:
+    """MeZO's z of step 0 for the parameter of `key`: N(0, I) seeded by sha256("<feedback_seed>:mezo:<step>:<name>")."""
+    digest = hashlib.sha256(f"0:mezo:0:{PARAMS[key]}".encode()).digest()
+    return torch.randn(like.shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+
+
 def reference_gradients(rule: str, w: dict, x: torch.Tensor, labels: torch.Tensor, matrices: dict) -> dict:
     target = one_hot(labels, CLASSES).float()
+    if rule == "mezo":
+        z = {key: mezo_direction(key, value) for key, value in w.items()}
+        plus, minus = ({key: w[key] + sign * MEZO_EPS * z[key] for key in w} for sign in (1, -1))
+        loss_plus, loss_minus = (cross_entropy(forward(weights, x)[-1], labels) for weights in (plus, minus))
+        g = (loss_plus - loss_minus) / (2 * MEZO_EPS)
+        return {key: g * z[key] for key in w}
     a1, h1, a2, h2, z = forward(w, x)
     e = (softmax(z, dim=-1) - target) / N
     if rule == "pepita":
@@ -82,7 +99,7 @@ def reference_gradients(rule: str, w: dict, x: torch.Tensor, labels: torch.Tenso
     return layer_grads([d1, d2, e], [x, h1, h2])
 
 
-@pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "drtp", "pepita"])
+@pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "drtp", "pepita", "mezo"])
 def test_one_step_equals_the_rule_formula(rule, tmp_path):
     model = mlp()
     data = batch()
@@ -91,7 +108,7 @@ def test_one_step_equals_the_rule_formula(rule, tmp_path):
     args = GrapeTrainingArguments(output_dir=str(tmp_path), rule=rule, optim="sgd", learning_rate=LR,
                                   lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1,
                                   per_device_train_batch_size=N, report_to="none", use_cpu=True, save_strategy="no",
-                                  disable_tqdm=True, seed=0)
+                                  disable_tqdm=True, seed=0, mezo_eps=MEZO_EPS)
     trainer = GrapeTrainer(model=model, args=args, train_dataset=examples)
     trainer.train()
 
@@ -119,8 +136,8 @@ def reference_align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float) 
 def test_grape_feedback_step_equals_its_formula(tmp_path):
     model = mlp()
     data = batch()
-    args = GrapeTrainingArguments(output_dir=str(tmp_path), rule="grape", grape_lr=0.2, report_to="none",
-                                  use_cpu=True, seed=0)
+    args = GrapeTrainingArguments(output_dir=str(tmp_path), rule="grape", grape_lr=0.2, grape_smoothing="none",
+                                  grape_track_scale=False, report_to="none", use_cpu=True, seed=0)  # the paper's step
     network = RULES["grape"](model, args)
     network.training_forward(lambda b: (model(**b).loss, None), data, step=0, first_micro_batch=True)
 
@@ -131,7 +148,7 @@ def test_grape_feedback_step_equals_its_formula(tmp_path):
     _, _, a2, _, _ = forward(w, data["pixel_values"].flatten(1))
     # The forward tangent reaching the logits: u1 through W2, relu'(a2), plus u2; then W3.
     d = (((u1 @ w["W2"].T) * (a2 > 0)) + u2) @ w["W3"].T
-    seeded = FeedbackMatrices(args.feedback_init, args.feedback_seed)
+    seeded = FeedbackMatrices(network.args.feedback_init, args.feedback_seed)  # as resolved for the model
     for name, u in (("layers.0", u1), ("layers.1", u2)):
         estimate = u.T @ d / N  # T_k = mean_n outer(u_k, d), (hidden, classes)
         initial = seeded.get(name, HIDDEN, CLASSES, torch.device("cpu"))

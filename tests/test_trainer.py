@@ -200,7 +200,8 @@ def test_feedback_not_in_state_dict_or_checkpoint(tmp_path):
 
 
 def matrices_after_one_forward(tmp_path, name: str, **kwargs) -> dict[str, torch.Tensor]:
-    trainer = GrapeTrainer(model=tiny_gpt2(), args=grape_args(tmp_path, name, rule="dfa", setting="micro", **kwargs))
+    trainer = GrapeTrainer(model=tiny_gpt2(), args=grape_args(tmp_path, name, rule="dfa", setting="micro",
+                                                              feedback_init="normal", **kwargs))  # random matrices
     assert trainer.feedback.matrices.tensors == {}  # created at the first forward pass
     trainer.model(**token_batch())
     return trainer.feedback.matrices.tensors

@@ -155,7 +155,8 @@ def prepare_image_dataset(
     Args:
         raw: splits as `datasets.load_dataset` returns them; "train" and "validation" or "test" are used.
         source: where the data came from, for the description ("uoft-cs/cifar10 from the Hugging Face Hub").
-        image_column, label_column: see `load_image_dataset`.
+        image_column: see `load_image_dataset`.
+        label_column: see `load_image_dataset`.
     """
     if "train" not in raw or not {"validation", "test"} & set(raw):
         raise ValueError(f"{source} has splits {list(raw)}; image classification needs a 'train' split and a "

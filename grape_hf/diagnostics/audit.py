@@ -8,7 +8,9 @@ sources has a gradient path across a point: a leak. A parameter shared by severa
 ties its input embedding to the output head) may receive one signal per module that holds it, and
 the input norm of parallel branches (`Placement.shared`: Phi, GPT-J, Falcon) one signal from all the
 points it feeds together. Parameters above the tap (the head) are trained by true BP from the loss
-and are not part of the audit's backward.
+and are not part of the audit's backward. Frozen parameters (a base model under PEFT adapters) are not
+audited: only trainable ones can leak or be left untrained, and points whose segments hold none are cuts
+(`Placement.frozen`), which the report lists.
 """
 
 import logging
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..fsdp import is_fully_sharded
 from ..rule import Rule
+from .probe import leaving_no_trace
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +39,17 @@ class LocalityReport:
         leaks: parameter name -> the sources it received from, for parameters reached by more sources
             than the modules that hold them (the points a shared input norm feeds count as one source).
         idle_points: points whose own module received nothing from them.
-        unreached: parameters no source reached: the head above the tap (trained by true BP from the
-            loss, outside this backward), and frozen or cut-off ones.
+        unreached: trainable parameters no source reached: the head above the tap (trained by true BP from
+            the loss, outside this backward), cut-off ones, and those whose gradient is exactly zero on this
+            batch (LoRA's A while its B is still zero).
+        frozen: the points cut for their frozen segments (`Placement.frozen`): no source of their own.
     """
 
     receivers: dict[str, list[str]]
     leaks: dict[str, list[str]] = field(default_factory=dict)
     idle_points: list[str] = field(default_factory=list)
     unreached: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -53,6 +59,7 @@ class LocalityReport:
         lines = [f"{source}: {len(names)} parameters" for source, names in self.receivers.items()]
         lines += [f"LEAK {param} receives gradient from {', '.join(sources)}" for param, sources in self.leaks.items()]
         lines += [f"IDLE point {p}: its own module receives none of its feedback" for p in self.idle_points]
+        lines += [f"cut point {p}: its segment holds no trainable parameter (no feedback)" for p in self.frozen]
         return "\n".join(lines)
 
 
@@ -75,6 +82,16 @@ def _shared_points(model: nn.Module, rule: Rule) -> dict[int, set[str]]:
     return together
 
 
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every module of `model` with its training flag (a user may keep some in eval mode: a frozen BatchNorm)."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
+
+
 def audit_network(model: nn.Module, rule: Rule, batch: dict, raise_on_leak: bool = True) -> LocalityReport:
     """Audit `rule` installed on `model` with one batch of model inputs.
 
@@ -94,14 +111,14 @@ def audit_network(model: nn.Module, rule: Rule, batch: dict, raise_on_leak: bool
     else:
         handle = head.register_forward_hook(lambda m, args, out: captured.append(out[0] if isinstance(out, tuple)
                                                                                   else out))
-    was_training = model.training
+    modes = _modes(model)
     model.eval()  # dropout off: the same graph for every source
-    try:
-        with torch.enable_grad(), rule.as_trained():
+    try:  # the model's random state and buffers as they were: training goes on exactly as without the audit
+        with leaving_no_trace(model), torch.enable_grad(), rule.as_trained():
             model(**batch)
     finally:
         handle.remove()
-        model.train(was_training)
+        _restore_modes(modes)
     if not captured:
         raise RuntimeError(f"The forward pass never reached the error tap at {rule.tap_name}.")
     z = captured[-1]
@@ -117,7 +134,7 @@ def audit_network(model: nn.Module, rule: Rule, batch: dict, raise_on_leak: bool
         for p in reached:
             received_from.setdefault(id(p), []).append(source)
 
-    report = LocalityReport(receivers=receivers)
+    report = LocalityReport(receivers=receivers, frozen=list(getattr(rule.placement, "frozen", ())))
     together = _shared_points(model, rule)
     for p in params:
         sources = received_from.get(id(p), [])
@@ -164,13 +181,13 @@ def unused_by_forward(model: nn.Module, rule: Rule, inputs: dict, names: list[st
             return record
         handles = [module.register_forward_pre_hook(gathered(name)) for name, module in model.named_modules()
                    if is_fully_sharded(module)]
-    was_training = model.training
+    modes = _modes(model)
     model.eval()  # no batch-norm statistics move for this check
     try:
-        with torch.enable_grad(), rule.bp_step():
+        with leaving_no_trace(model), torch.enable_grad(), rule.bp_step():
             outputs = model(**inputs)
     finally:
-        model.train(was_training)
+        _restore_modes(modes)
         for handle in handles:
             handle.remove()
     if isinstance(outputs, dict):
@@ -197,10 +214,12 @@ def check_reached(model: nn.Module, rule: Rule, inputs: dict | None = None) -> N
                         "neither): %s", ", ".join(unused))
         missing = [name for name in missing if name not in unused]
     if missing:
+        frozen = getattr(getattr(rule, "placement", None), "frozen", ())
         shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
         raise UnreachedParametersError(
             f"rule={rule.name!r} gave {len(missing)} trainable parameters no gradient in the first training step: "
-            f"{shown}. With this placement (points {list(rule.point_names)}, error tap {rule.tap_name}) nothing "
+            f"{shown}. With this placement (points {list(rule.point_names)}, error tap {rule.tap_name}"
+            + (f"; cut for their frozen segments: {list(frozen)}" if frozen else "") + ") nothing "
             "reaches them, so they would never train. Include them (a feedback point on their module, "
             "feedback_embeddings=True, or a head_module above them), or freeze them (`requires_grad_(False)`)."
         )

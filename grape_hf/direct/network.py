@@ -4,6 +4,8 @@
   detached copy, so no gradient path runs from one segment to the next.
 - A *cut* hook detaches every tensor a block receives (the residual stream, shared position
   tensors), so nothing bypasses the points.
+- A point dropped for its frozen segment (`Placement.frozen`: a base model frozen under PEFT adapters)
+  only detaches its output: no record, no matrix, no feedback; while estimating its tangent flows on.
 - The *error tap* is one autograd Function (`ErrorTap`) whose inputs are `z` (the head's input or
   the logits) and every point's tensor. Its forward returns `z`; its backward receives `e = dL/dz`
   (already loss-scaled and divided for gradient accumulation) and returns `e` for `z` and `B_k e`
@@ -200,6 +202,9 @@ class FeedbackNetwork:
                 self._make_cut(name, record_embeddings=name == placement.embedding_block), with_kwargs=True))
         for name in placement.points:
             hook(model.get_submodule(name).register_forward_hook(self._make_point(name)))
+        for name in placement.frozen:  # the embeddings' tensor is the first block's input: cut already
+            if name != EMBEDDINGS:
+                hook(model.get_submodule(name).register_forward_hook(self._make_frozen(name)))
         head = model.get_submodule(placement.head)
         if placement.error_point == "head_input":
             hook(head.register_forward_pre_hook(self._tap_input))
@@ -284,11 +289,21 @@ class FeedbackNetwork:
             raise RuntimeError(f"Feedback point {name!r} ran twice in one forward pass; a point must be a module "
                                "that runs once per forward (shared or recomputed modules cannot be points).")
         primal, tangent = fwAD.unpack_dual(tensor)
+        mode = self._mode
         if primal.requires_grad:
             self._recorded[name] = primal
             if self.sharded is not None:
                 self.sharded.recorded(name, primal)
-        mode = self._mode
+        elif not isinstance(mode, Observation):
+            # Its feedback would reach nothing: a matrix, an estimate and a matmul for no parameter, and the point
+            # would have no matrix to save. `trainable_points` drops such points at install; one that gets here
+            # was placed on a frozen segment by hand, or its parameters were frozen after the rule was installed.
+            raise RuntimeError(
+                f"Feedback point {name!r} carries no gradient in this training forward: no trainable parameter of its "
+                "segment took part in it (frozen after the rule was installed, a placement given by hand, or inputs "
+                "that bypass them, as inputs_embeds bypass the input embeddings), so its feedback would reach "
+                "nothing. Freeze parameters before the trainer installs the rule (PEFT's get_peft_model does), or "
+                "leave the point out (feedback_modules, feedback_embeddings=False).")
         if isinstance(mode, Observation):
             return tensor
         if not isinstance(mode, Estimate):
@@ -316,6 +331,14 @@ class FeedbackNetwork:
                 return self.sharded.restore_tangent(module, args, kwargs)
             return self.cut_inputs(args, kwargs, record_embeddings)
         return cut
+
+    def _make_frozen(self, name: str):
+        """A point dropped for its frozen segment: its output is cut (detached; a forward tangent kept), no feedback."""
+        def frozen(module, args, output):
+            if not self._active() or isinstance(self._mode, Observation):
+                return None
+            return _replace_output_tensor(output, _cut_tensor(_output_tensor(output, name)))
+        return frozen
 
     def _make_point(self, name: str):
         def point(module, args, output):

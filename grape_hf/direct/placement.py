@@ -13,6 +13,9 @@ output is added to the block's input stream (after a post-branch norm or layer-s
 module trains in the branch's segment), or the block itself for its last branch where no module ends
 that branch.
 Both add a point on the embeddings (the input of the first block) unless told not to.
+A point whose segment holds no trainable parameter (a frozen base under PEFT adapters: the embeddings, a
+block without adapters) is dropped at install (`trainable_points`): its output is detached with no
+feedback, like a cut, so a frozen segment costs no matrix, no estimate and no matmul.
 Every block input is a cut: its tensor inputs are detached, so no path (a residual stream, a
 position tensor or mask shared by all blocks) carries true gradient from one segment to another.
 A model may instead declare its points per setting in `_feedback_points` (the grape_hf.models
@@ -101,6 +104,9 @@ class Placement:
         error_point: "head_input" (the tap is the head's input) or "logits" (the head's output).
         shared: (module name, the points whose feedback may all reach its parameters) for each module
             that feeds several points at once (the input norm of parallel branches); the audit knows them.
+        frozen: the points dropped because their segments hold no trainable parameter (`trainable_points`),
+            `EMBEDDINGS` among them for frozen embeddings: no matrix, no feedback; each module's output is
+            detached (the first block's input, the embeddings' tensor, is a cut already).
     """
 
     points: tuple[str, ...]
@@ -109,6 +115,7 @@ class Placement:
     head: str
     error_point: str
     shared: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    frozen: tuple[str, ...] = ()
 
     @property
     def tap_name(self) -> str:
@@ -278,12 +285,95 @@ def shared_inputs(model: nn.Module, blocks: list[str], points: list[str]) -> tup
     return tuple(shared)
 
 
+def _parameter_ids(module: nn.Module) -> set[int]:
+    return {id(p) for p in module.parameters()}
+
+
+def segment_candidates(model: nn.Module, points: list[str], embeddings: bool, cuts: list[str],
+                       head: str) -> dict[str, set[int]]:
+    """For each point (and `EMBEDDINGS` when `embeddings`), the ids of the parameters that may lie in its
+    segment, read from the module tree: a superset of the segment, so no point with a trainable segment is
+    ever found frozen.
+
+    Where a point looks: inside its block (the cut that holds it) when it has one, else (the embeddings, a
+    point of `feedback_modules` outside the blocks) everything outside the blocks it does not hold and below
+    the error tap (less what only the tap's module or the output head holds); less, in both cases, the
+    parameters of the other points that do not hold it (the micro points before it, the units of its
+    stage), whose outputs are detached.
+    """
+    heads = [head]
+    try:
+        heads.append(find_head(model))
+    except ValueError:  # no output head besides `head`
+        pass
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    # Held only above the tap; a tied weight (GPT-2's input embedding is its output head) is below it too.
+    above = {pid for pid, names in holders.items()
+             if all(any(name.startswith(h + ".") for h in heads) for name in names)}
+    everything = _parameter_ids(model)
+    cut_ids = {cut: _parameter_ids(model.get_submodule(cut)) for cut in cuts}
+    point_ids = {point: _parameter_ids(model.get_submodule(point)) for point in points}
+    candidates = {}
+    for point in ([EMBEDDINGS] if embeddings else []) + list(points):
+        enclosing = [cut for cut in cuts if point == cut or point.startswith(cut + ".")]
+        if enclosing:
+            scope = set(cut_ids[max(enclosing, key=len)])
+        else:
+            own = point_ids.get(point, set())
+            scope = everything - above - set().union(*(ids for cut, ids in cut_ids.items()
+                                                       if not cut.startswith(point + "."))) | own
+        for other, ids in point_ids.items():
+            if other != point and not point.startswith(other + "."):
+                scope -= ids
+        candidates[point] = scope
+    return candidates
+
+
+def trainable_points(model: nn.Module, points: list[str], embeddings: bool, cuts: list[str],
+                     head: str) -> tuple[list[str], bool, list[str]]:
+    """(the points whose `segment_candidates` hold a trainable parameter, whether the embeddings point does,
+    the points that do not): resolved from `requires_grad` when the rule is installed (PEFT freezes its base
+    model when it wraps it, before any trainer sees it)."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    candidates = segment_candidates(model, points, embeddings, cuts, head)
+    live = {point for point, ids in candidates.items() if ids & trainable}
+    frozen = [point for point in candidates if point not in live]
+    if frozen:
+        logger.info("Feedback points whose segments hold no trainable parameter, cut with no feedback: %s", frozen)
+    return [point for point in points if point in live], EMBEDDINGS in live, frozen
+
+
+def refuse_prompt_learning(model: nn.Module) -> None:
+    """Raise a `ValueError` for a PEFT prompt-learning adapter (prompt tuning, prefix tuning, P-tuning): feedback
+    cannot train it. Prompt tuning's virtual tokens act on the output only through attention from the real
+    tokens, and a point's feedback `B_k e_n` reaches position n's own input only: the virtual tokens' positions
+    carry no label (PEFT gives them -100; a classifier reads one real token), so all of them but, in a causal LM,
+    the last get no signal at all while the run looks fine. Prefix tuning's keys and values enter every block's
+    attention past its cut, from one table shared by all blocks."""
+    configs = getattr(model, "peft_config", None)
+    methods = sorted({str(getattr(config, "peft_type", type(config).__name__)).removeprefix("PeftType.")
+                      for config in (configs.values() if isinstance(configs, dict) else ())
+                      if getattr(config, "is_prompt_learning", False)})
+    if methods:
+        raise ValueError(
+            f"The direct rules (dfa, grape, drtp) cannot train the PEFT prompt-learning adapter {', '.join(methods)}: "
+            "feedback reaches each position's own input only, and virtual tokens act on the output only through "
+            "attention from the real tokens. Prompt tuning's virtual tokens carry no label, so (but for the last one "
+            "in a causal LM) they would get no signal at all; prefix tuning's keys and values bypass the blocks' "
+            "cuts. Use an adapter inside the blocks (LoRA, DoRA, IA3: LoraConfig, IA3Config), or rule='bp'.")
+
+
 def resolve_placement(model: nn.Module, args) -> Placement:
     """Build the `Placement` of `args.setting` (or `args.feedback_modules`) for `model`.
 
     Raises a `ValueError` that names the block class and shows `feedback_modules` when the model's
-    blocks or sub-layers are unknown.
+    blocks or sub-layers are unknown, and one that gives the reason for a PEFT prompt-learning adapter
+    (`refuse_prompt_learning`). Points whose segments hold no trainable parameter become `frozen` cuts
+    (`trainable_points`).
     """
+    refuse_prompt_learning(model)
     blocks = find_blocks(model)
     model_class = type(model).__name__
     declared = getattr(model, DECLARED_POINTS, None)
@@ -320,12 +410,15 @@ def resolve_placement(model: nn.Module, args) -> Placement:
         head = find_head(model, args.head_module)
     if head in points:
         raise ValueError(f"The output head {head!r} cannot also be a feedback point.")
+    # A model that declares its points declares its first one too (a stem or first layer is a unit).
+    embeddings = bool(args.feedback_embeddings and blocks and not declared)
+    points, embeddings, frozen = trainable_points(model, points, embeddings, blocks, head)
     return Placement(
         points=tuple(points),
-        # A model that declares its points declares its first one too (a stem or first layer is a unit).
-        embedding_block=blocks[0] if (args.feedback_embeddings and blocks and not declared) else None,
+        embedding_block=blocks[0] if embeddings else None,
         cuts=tuple(blocks),
         head=head,
         error_point=error_point,
         shared=shared_inputs(model, blocks, points),
+        frozen=tuple(frozen),
     )

@@ -37,6 +37,9 @@ _CATALOGUE = {
     "vit": (ViTConfig, ViTForImageClassification, VIT_CIFAR),
 }
 
+# name -> the config's `model_type` (what grape_hf.recommended.REGIMES is keyed by).
+MODEL_TYPES = {name: config_class.model_type for name, (config_class, _, _) in _CATALOGUE.items()}
+
 # Our own classes (ViT is transformers' and registered there).
 for _config_class, _model_class in ((MLPConfig, MLPForImageClassification),
                                     (ConvNetConfig, ConvNetForImageClassification),

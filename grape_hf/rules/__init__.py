@@ -4,7 +4,8 @@ returns it (a `grape_hf.rule.Rule`); 'bp' installs nothing (None): the stock Tra
 - `dfa.py`: DFA, and the base of the direct rules (one error projected to many points);
 - `grape.py`: GrAPE, DFA whose matrices follow forward-mode Jacobian estimates;
 - `drtp.py`: DRTP, DFA projecting the one-hot target;
-- `fa.py`, `pepita.py`: the layer-by-layer baselines for MLPs and CNNs.
+- `fa.py`, `pepita.py`: the layer-by-layer baselines for MLPs and CNNs;
+- `mezo.py`: MeZO, zeroth-order SGD from two perturbed forwards (the fine-tuning baseline).
 """
 
 from ..arguments import RULE_NAMES
@@ -14,10 +15,11 @@ from .drtp import DRTP
 from .dfa import DFA
 from .fa import FA
 from .grape import GrAPE
+from .mezo import MeZO
 from .pepita import PEPITA
 
 
-RULES = {"bp": no_rule, "dfa": DFA, "grape": GrAPE, "fa": FA, "drtp": DRTP, "pepita": PEPITA}
+RULES = {"bp": no_rule, "dfa": DFA, "grape": GrAPE, "fa": FA, "drtp": DRTP, "pepita": PEPITA, "mezo": MeZO}
 assert tuple(RULES) == RULE_NAMES, "grape_hf.arguments.RULE_NAMES must list the rules of RULES"
 
 

@@ -3,8 +3,9 @@
 `DFA` is also the base of the other direct rules: GrAPE (`grape.py`) aligns its matrices, DRTP
 (`drtp.py`) projects the one-hot target instead of the error. It installs the mechanism of
 `grape_hf.direct` (placement, matrices, the feedback network) and adds nothing to the training
-forward but, with `alignment_probe_steps`, a measuring-only Jacobian estimate every that many steps
-whose cos(B_k, T_k) is logged as GrAPE logs it (the matrices never change).
+forward. With `alignment_probe_steps`, the probe runs a measuring-only Jacobian estimate on a forward of
+its own every that many steps (`measure_alignment`), whose cos(B_k, T_k) is logged as GrAPE logs it (the
+matrices never change).
 """
 
 import contextlib
@@ -28,13 +29,15 @@ class DFA(Rule):
     """Points, cuts and the error tap of `args.setting` (or `feedback_modules`) on `model`.
 
     Args:
-        model, args: as `Rule`.
+        model: as `Rule`.
+        args: as `Rule`.
         placement: where the feedback goes (default: resolved from `args`; tests pass broken ones).
 
     Attributes:
         placement: the points, cuts and head.
         network: the installed `FeedbackNetwork`.
-        estimator: the `JacobianEstimator` of the estimating forwards, or None (DFA without the probe).
+        estimator: the `JacobianEstimator` of the estimating forwards, or None (DFA without the probe). DFA's
+            and DRTP's only measure (`measure_alignment`); GrAPE's trains.
         estimate_steps: estimate every this many optimizer steps (0: never).
     """
 
@@ -65,14 +68,20 @@ class DFA(Rule):
         super().remove()
         self.network.close()
 
-    def forward(self, forward, inputs, step, first_micro_batch):
-        """The hooked forward; on the probe's steps (first micro-batch), with a measuring-only estimate."""
-        if self.estimator is None or not first_micro_batch or step % self.estimate_steps:
-            return forward(inputs)
+    def measure_alignment(self, forward) -> None:
+        """The alignment probe's measuring-only Jacobian estimate: one estimating forward of `forward()` (the
+        probed batch's loss) perturbed by `estimator`, whose cos(B_k, T_k) goes to the next log line (`pop_logs`).
+
+        A forward of its own, not the training forward: the estimating forward's primal is not bitwise the plain
+        forward's (attention on forward-AD kernels while estimating: logits differ by ~1e-7), and a run must train
+        the same whether it is watched or not. The probe runs it with the random state forked and the model's
+        buffers restored (`diagnostics.probe.leaving_no_trace`); there is no backward."""
+        if self.estimator is None:
+            raise RuntimeError(f"rule {self.name!r} was built with alignment_probe_steps=0, so it has no estimator "
+                               "for the alignment probe: build the trainer with alignment_probe_steps set.")
         with self.estimator.estimating(self.model) as estimate:
-            result = forward(inputs)
+            forward()
         self.log_alignment(self.estimator.targets(estimate))
-        return result
 
     def checked(self, forward):
         """`forward`, raising when its feedback points did not all reach the error tap after them: then
@@ -102,7 +111,10 @@ class DFA(Rule):
         (GPT-2 ties its embedding to the head: it trains with the head)."""
         model = self.model
         full_rate = {id(p) for p in model.get_submodule(self.head).parameters()}
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        try:
+            embeddings = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # transformers raises for a model without one (an MLP, a CNN)
+            embeddings = None
         if isinstance(embeddings, torch.nn.Module):
             full_rate.update(id(p) for p in embeddings.parameters())
         return {id(p) for name in (*self.placement.cuts, *self.placement.points)

@@ -65,6 +65,7 @@ class GrAPE(DFA):
 
     def __init__(self, model, args, placement=None):
         super().__init__(model, args, placement)
+        args = self.args  # resolved: grape_lr, grape_smoothing and grape_track_scale may have been unset
         self.lr = args.grape_lr
         self.smoothing = args.grape_smoothing
         self.decay = args.grape_ema_decay
@@ -76,6 +77,10 @@ class GrAPE(DFA):
     def estimate_every(self, args) -> int:
         """GrAPE estimates every `grape_update_steps` steps."""
         return args.grape_update_steps
+
+    def measure_alignment(self, forward) -> None:
+        """Nothing: GrAPE logs cos(B_k, T_k) of the estimates it trains with, and its perturbation generator is
+        training state, which a measurement must not draw from."""
 
     def forward(self, forward, inputs, step, first_micro_batch):
         """On the first micro-batch of each optimizer step (so every micro-batch of a
