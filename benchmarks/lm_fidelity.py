@@ -21,11 +21,12 @@ DFA-to-BP gap GrAPE closes: (DFA - GrAPE) / (DFA - BP) at the end, against both 
 and the alignment curves. Results go to `<output_dir>/results.jsonl`, one line per run; a run whose name
 is already there is not run again (delete the file, or use --fresh, to rerun).
 
-The runs use the configurations that make the rules learn (README, "Learning language models"), all
-with the error read on the residual stream (`error_point="residual"`, the causal-LM default): `dfa_*` is
-DFA with identity feedback (`feedback_init="identity"`, the skip path's exact Jacobian) and its blocks at
-30 % of the learning rate (`block_lr_scale`), `dfa_random_*` the paper's random feedback with its blocks at
-1 % (its best), GrAPE its blocks at 10 %, `grape_lr` 0.1 and EMA smoothing. A run spec is a JSON object: `name`,
+The recommended runs pass only the rule (and setting): the library's table (`grape_hf.recommended`) makes
+`dfa_*` DFA with identity feedback (`feedback_init="identity"`, the skip path's exact Jacobian) and its blocks
+at 30 % of the learning rate (`block_lr_scale`), and `grape_*` GrAPE with identity init, its blocks at 30 %,
+`grape_lr` 0.1, EMA smoothing and scale tracking; all read the error on the residual stream (the causal-LM
+default). `dfa_random_*` is the paper's random feedback with its blocks at 1 % (its best), `grape_*_earlier`
+GrAPE's earlier recommendation (random init, blocks at 10 %, no scale tracking). A run spec is a JSON object: `name`,
 `rule`, any `GrapeTrainingArguments` field, and `lr`, `warmup`, `beta2`, `clip`, `weight_decay`,
 `schedule`, `steps`, `logging_steps`, `no_probe`.
 """
@@ -76,19 +77,23 @@ def default_runs(shape: str) -> list[dict]:
             dict(name=f"dfa_random_{setting}", rule="dfa", setting=setting, **DFA_RANDOM),
             dict(name=f"grape_{setting}", **grape),
             dict(name=f"grape_{setting}_calibrated", **grape, bp_calibration_steps=calibration),
+            dict(name=f"grape_{setting}_earlier", rule="grape", setting=setting, **GRAPE_EARLIER),
         ]
     if shape == "quick":
         runs = [r for r in runs if "micro" not in r["name"]]
     return runs
 
 
-# The configurations that make the rules learn (README, "Learning language models"); every run reads the
-# error on the residual stream (error_point="residual", the causal-LM default). DFA: identity feedback, the
-# skip path's exact Jacobian, with the blocks at 0.3 x the learning rate; the paper's random feedback learns
-# best with its blocks at 0.01 x (of 0.01, 0.03, 0.1). GrAPE: blocks at 0.1 x, grape_lr 0.1, EMA smoothing.
-DFA = dict(feedback_init="identity", block_lr_scale=0.3)
+# The recommended runs (`dfa_<setting>`, `grape_<setting>`) pass only the rule: the library's table
+# (grape_hf.recommended) gives DFA identity feedback with its blocks at 0.3 x, and GrAPE identity init, blocks
+# at 0.3 x, grape_lr 0.1, EMA smoothing and scale tracking. Every run reads the error on the residual stream
+# (the causal-LM default). The paper's random feedback learns best with its blocks at 0.01 x (of 0.01, 0.03,
+# 0.1); GRAPE_EARLIER is GrAPE's earlier recommendation (random init, blocks at 0.1 x, no scale tracking).
+DFA = dict()
 DFA_RANDOM = dict(feedback_init="normal", block_lr_scale=0.01)
-GRAPE = dict(grape_lr=0.1, grape_smoothing="ema", block_lr_scale=0.1)
+GRAPE = dict()
+GRAPE_EARLIER = dict(feedback_init="normal", grape_lr=0.1, grape_smoothing="ema", block_lr_scale=0.1,
+                     grape_track_scale=False)
 FROZEN = dict(block_lr_scale=0.0)
 
 
