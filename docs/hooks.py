@@ -45,18 +45,18 @@ def recommended_table() -> str:
     rows = []
     for (kind, training), entries in TABLE.items():
         for rule, entry in entries.items():
-            values = ", ".join(f"<code>{name}={value!r}</code>" for name, value in entry.values.items())
+            values = "<br>".join(f"<code>{name}={value!r}</code>" for name, value in entry.values.items())
             rows.append(f"<tr><td>{html.escape(KIND_TITLES[kind])}, {html.escape(TRAINING_TITLES[training])}</td>"
                         f"<td><code>{rule}</code></td><td>{values}</td><td>{inline_code(entry.source)}</td></tr>")
-    table = ('<div class="grape-fields"><table>\n<thead><tr><th>model</th><th>rule</th><th>values</th>'
+    table = ('<div class="grape-fields grape-recommended"><table>\n<thead><tr><th>model</th><th>rule</th><th>values</th>'
              "<th>measured by</th></tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table></div>")
     regimes = []
     for (model_type, rule), regime in REGIMES.items():
         fields = {**regime.trainer, **regime.model}
-        values = ", ".join(f"<code>{name}={value!r}</code>" for name, value in fields.items())
+        values = "<br>".join(f"<code>{name}={value!r}</code>" for name, value in fields.items())
         regimes.append(f"<tr><td><code>{model_type}</code></td><td><code>{rule}</code></td><td>{values}</td>"
                        f"<td>{inline_code(regime.source)}</td></tr>")
-    return table + ('\n\n<div class="grape-fields"><table>\n<thead><tr><th>model type</th><th>rule</th>'
+    return table + ('\n\n<div class="grape-fields grape-recommended"><table>\n<thead><tr><th>model type</th><th>rule</th>'
                     "<th>published regime</th><th>source</th></tr></thead>\n<tbody>\n" + "\n".join(regimes)
                     + "\n</tbody></table></div>")
 
