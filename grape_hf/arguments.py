@@ -181,7 +181,7 @@ class GrapeTrainingArguments(TrainingArguments):
         None, DIRECT_RULES,
         "Learning-rate multiplier of the blocks' parameters (those only feedback reaches; the embeddings, the final "
         "norm and the head keep learning_rate): a block's step changes the Jacobians its feedback should follow, "
-        "so the feedback rules learn language models only with slower blocks (README, learning). Applied as "
+        "so the feedback rules learn language models only with slower blocks (docs: how-to/language-models). Applied as "
         "optimizer parameter groups, so every optimizer and scheduler of the Trainer works; 0 freezes the blocks. "
         "Unset: " + RECOMMENDED)
     alignment_probe_steps: int = rule_field(
@@ -193,7 +193,7 @@ class GrapeTrainingArguments(TrainingArguments):
         0, DIRECT_RULES,
         "Layer-parallel backward: run the feedback segments' local backwards (independent once the error is known) "
         "on this many CPU threads at once, one intra-op thread each, instead of one after another (0: off). The same "
-        "gradients; CPU and one process only; on 2 cores no faster than torch's own threads (README, Speed).")
+        "gradients; CPU and one process only; on 2 cores no faster than torch's own threads (docs: results/speed).")
 
     # GrAPE ------------------------------------------------------------------------------------
     grape_lr: float | None = rule_field(
@@ -214,7 +214,7 @@ class GrapeTrainingArguments(TrainingArguments):
         "After each alignment step, give B_k (or each column, with grape_alignment='columns') the length of its "
         "smoothed target along its new direction, so it follows the Jacobian's scale as well as its direction "
         "(off: B_k keeps its initial norm, as in the paper). On the LM of benchmarks/lm_fidelity.py, 0.01 nats lower "
-        "at every checkpoint over two seeds (README, learning). Unset: " + RECOMMENDED)
+        "at every checkpoint over two seeds (docs: results/learning). Unset: " + RECOMMENDED)
     grape_update_steps: int = rule_field(
         1, ("grape",),
         "Estimate the Jacobians every N-th optimizer step (the update in between uses the smoothed estimate; needs "

@@ -15,7 +15,7 @@ Both are plain multiple inheritance of TRL's classes and grape_hf's (needs `pip 
   calls the next class's). The fused head never calls `lm_head`, so the error cannot be read on its
   input; the direct rules read it on the residual stream (`error_point="residual"`, the input of the
   final norm, where the loss's true gradient arrives through the fused head's own backward), which
-  is also where DFA and GrAPE learn language models best (README, "Learning language models").
+  is also where DFA and GrAPE learn language models best (docs: how-to/language-models).
 - `peft_config=` (TRL's PEFT path): SFTTrainer wraps the model with `get_peft_model` before `GrapeTrainer`
   installs the rule on the wrapped model, so the adapters train as through `get_peft_model` itself (only they
   move; the frozen base's points are cuts). Prompt-learning adapters are refused with the reason

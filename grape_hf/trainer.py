@@ -88,7 +88,7 @@ class GrapeTrainer(Trainer):
         problem = None
         if self.args.device.type != "cpu":
             problem = (f"it runs on CPU threads, and on {self.args.device.type} the autograd engine runs every "
-                       "backward of a device on one thread (README, Speed: one CUDA stream per segment would)")
+                       "backward of a device on one thread (docs: results/speed; one CUDA stream per segment would)")
         elif self.args.world_size > 1 or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             problem = ("several processes reduce the gradients from hooks that one backward per step must fire "
                        "(DDP's reducer, FSDP), and the segments' backwards are separate calls")

@@ -11,9 +11,9 @@ by side, and each parameter receives exactly the sequential backward's gradient
 segment thread uses, since CPU reductions depend on the thread count; a parameter shared with the head,
 such as GPT-2's tied embedding, under gradient accumulation adds its two contributions in another
 order). Each thread uses one intra-op thread while they run; on 2 cores that is as fast as the one backward on 2 intra-op
-threads, not faster (README, "Speed"). On CUDA the engine runs every backward of a device on one
-thread, so threads would gain nothing there (the segments would need one CUDA stream each: README,
-"Speed"); `GrapeTrainer` refuses it there.
+threads, not faster (docs: results/speed). On CUDA the engine runs every backward of a device on one
+thread, so threads would gain nothing there (the segments would need one CUDA stream each: docs,
+results/speed); `GrapeTrainer` refuses it there.
 
 Points whose backward graphs share a node (the one input norm of parallel branches,
 `Placement.shared`, or a weight tied across segments) go to one thread together: two threads must

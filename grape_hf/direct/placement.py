@@ -205,7 +205,7 @@ def find_head(model: nn.Module, head_module: str | None = None) -> str:
 def default_error_point(model: nn.Module, blocks: list[str]) -> str:
     """'residual' for models with output embeddings (causal LMs) and a final norm (`find_final_norm`), else
     'head_input' for them; 'logits' for classifiers. The residual stream is where DFA and GrAPE learn LMs
-    best (README, "Learning language models", `benchmarks/lm_fidelity.py`)."""
+    best (docs: how-to/language-models, `benchmarks/lm_fidelity.py`)."""
     has_output_embeddings = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
     if not has_output_embeddings:
         return "logits"
