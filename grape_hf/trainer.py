@@ -181,7 +181,9 @@ class GrapeTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer's; under FSDP, torch's bare assertion for an optimizer that holds no state, re-raised as an
-        error that names the problem and the fix (`stateless_optimizer_error`). Nothing else changes."""
+        error that names the problem and the fix (`stateless_optimizer_error`); torch's bare "different number of
+        parameter groups" when `block_lr_scale` splits the groups otherwise than the checkpoint's run did, re-raised
+        naming the field. Nothing else changes."""
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except AssertionError as error:
@@ -189,6 +191,15 @@ class GrapeTrainer(Trainer):
             if problem is None:
                 raise
             raise NotImplementedError(problem) from error
+        except ValueError as error:
+            if self.feedback is None or "different number of parameter groups" not in str(error):
+                raise
+            raise ValueError(
+                f"{checkpoint} holds an optimizer whose parameter groups this run does not have: block_lr_scale="
+                f"{self.args.block_lr_scale} gives the blocks {'no group' if self.args.block_lr_scale == 1.0 else 'a group'}"
+                " of their own, and the checkpoint's run split them otherwise (block_lr_scale 1 against another value). "
+                "Resume with the checkpoint's block_lr_scale (its feedback.safetensors header lists its settings), or "
+                "start a fresh run.") from error
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)

@@ -141,6 +141,15 @@ def test_resuming_with_other_settings_warns(tmp_path, caplog):
         assert ("grape_lr 0.1 -> 0.05" in caplog.text) == warns
 
 
+def test_resuming_with_other_optimizer_groups_names_block_lr_scale(tmp_path):
+    args = quick_args(tmp_path, rule="dfa", save_strategy="steps", save_steps=2)  # blocks at 0.3 x: their own group
+    GrapeTrainer(model=tiny_gpt2(), args=args, train_dataset=token_dataset()).train()
+    other = quick_args(tmp_path, rule="dfa", max_steps=3, block_lr_scale=1.0)
+    with pytest.raises(ValueError, match="block_lr_scale=1.0 gives the blocks no group"):
+        GrapeTrainer(model=tiny_gpt2(), args=other, train_dataset=token_dataset()).train(
+            resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
+
+
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
