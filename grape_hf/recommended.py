@@ -121,18 +121,20 @@ TABLE: dict[tuple[str, str], dict[str, Entry]] = {
     },
 }
 
+# DRTP's regime (Frenkel et al. 2021's reference code), the same on the MLP and the CNN.
+DRTP_REGIME = dict(trainer={"optim": "sgd", "optim_args": "momentum=0.9,nesterov=True", "learning_rate": 0.05},
+                   model={"hidden_act": "tanh"})
+
 # (config model_type, rule) -> the rule's published regime on that model (benchmarks/reproduce_table1.py's
 # OWN_SETTINGS add only what reproducing the paper's table needs: epochs, batch, decay).
 REGIMES: dict[tuple[str, str], Regime] = {
     ("grape_mlp", "drtp"): Regime(
-        trainer={"optim": "sgd", "optim_args": "momentum=0.9,nesterov=True", "learning_rate": 0.05},
-        model={"hidden_act": "tanh"},
+        **DRTP_REGIME,
         source="Frenkel et al. 2021's reference code (tanh units, SGD Nesterov); MNIST MLP, 150 steps of 64 "
                "(benchmarks/vision_fidelity.py): 87.8 % in it, at most 36 % with Adam (every lr from 1e-4 to 3e-2, "
                "every block scale) and ReLU units; both parts are needed (tanh alone 63.1 %, SGD alone 9.3 %)"),
     ("grape_cnn", "drtp"): Regime(
-        trainer={"optim": "sgd", "optim_args": "momentum=0.9,nesterov=True", "learning_rate": 0.05},
-        model={"hidden_act": "tanh"},
+        **DRTP_REGIME,
         source="the regime of DRTP's MLP, measured on the LeNet-4 CNN (benchmarks/vision_fidelity.py, 150 steps of "
                "64): 89.8 % in it, 71.9 % at best with Adam and ReLU units (tanh alone 20.4 %, SGD alone 10.1 %)"),
     ("grape_mlp", "pepita"): Regime(
@@ -252,19 +254,19 @@ def resolve_settings(model, args):
     return resolved, settings
 
 
+def model_config(model):
+    """The config of `model`, or of the model inside its PEFT wrapper; None when it has none."""
+    return getattr(peft_base(model) or model, "config", None)
+
+
 def regime_of(model, rule: str) -> Regime | None:
     """The published regime of `rule` on `model` (`REGIMES`, by its config's `model_type`), or None."""
-    config = getattr(peft_base(model) or model, "config", None)
-    return REGIMES.get((getattr(config, "model_type", None), rule))
+    return REGIMES.get((getattr(model_config(model), "model_type", None), rule))
 
 
-def regime_differences(model, args) -> dict[str, tuple]:
-    """field -> (this run's value, the regime's) where the run differs from its rule's published regime on this
-    model (`regime_of`); empty where there is none."""
-    regime = regime_of(model, args.rule)
-    if regime is None:
-        return {}
-    config = getattr(peft_base(model) or model, "config", None)
+def regime_differences(regime: Regime, model, args) -> dict[str, tuple]:
+    """field -> (this run's value, the regime's) where the run (`args`, `model`'s config) differs from `regime`."""
+    config = model_config(model)
     found = {name: (getattr(args, name, None), value) for name, value in regime.trainer.items()}
     found.update({name: (getattr(config, name, None), value) for name, value in regime.model.items()})
     found = {name: (getattr(mine, "value", mine), theirs) for name, (mine, theirs) in found.items()}  # enums: values
@@ -272,11 +274,12 @@ def regime_differences(model, args) -> dict[str, tuple]:
 
 
 def warn_off_regime(model, args) -> None:
-    """Warn once when the run differs from its rule's published regime, naming the flags that set it."""
-    differences = regime_differences(model, args)
+    """Warn once when the run differs from its rule's published regime (`regime_of`), naming the flags that set
+    it."""
+    regime = regime_of(model, args.rule)
+    differences = regime_differences(regime, model, args) if regime is not None else {}
     if not differences:
         return
-    regime = regime_of(model, args.rule)
     listed = "; ".join(f"{name}={theirs!r} (this run: {mine!r})" for name, (mine, theirs) in differences.items())
     logger.warning(
         "Rule %r learns in its published regime, which this run leaves: %s. Trainer fields are flags (--optim, "
