@@ -75,13 +75,13 @@ EOS = 256  # byte-level: ids 0-255 are the bytes, 256 ends a record
 
 # Every feedback field, passed explicitly to every feedback rule's run.
 FEEDBACK_FIELDS = ("feedback_init", "block_lr_scale", "grape_lr", "grape_smoothing", "grape_ema_decay",
-                   "grape_track_scale", "error_point")
+                   "grape_track_scale", "grape_estimate_stride", "error_point")
 
 # The per-rule settings of this benchmark: (rule, mode) -> every FEEDBACK_FIELDS value, plus the run's
 # learning rate (`lr`) where it differs from LR and what the rule needs besides. Found by the study
 # (`--sweep`, benchmarks/results/finetune.md).
 _BASE = dict(feedback_init="identity", block_lr_scale=1.0, grape_lr=0.1, grape_smoothing="ema",
-             grape_ema_decay=0.9, grape_track_scale=False, error_point="residual")
+             grape_ema_decay=0.9, grape_track_scale=False, grape_estimate_stride=1, error_point="residual")
 SETTINGS = {
     # Identity feedback on the residual stream; the blocks (or adapters) FASTER than the head: 2-5 x for full
     # fine-tuning (0.3 / 1 / 2 / 3 / 5 / 10 x: 2.255 / 2.172 / 2.131 / 2.136 / 2.137 / 2.224), 3 x for LoRA.

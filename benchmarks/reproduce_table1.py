@@ -21,11 +21,13 @@ Each (row, rule, seed) is one run of `examples/run_image_classification.py` in i
     signal summed, not averaged, over the batch and to a sigmoid/binary cross-entropy output, which
     have no counterpart here: lr 0.05 was chosen by a short sweep (0.01: chance after 100 steps; 0.05,
     0.2: 86 %, 89 %). Softmax cross-entropy output, as in their CIFAR-10 example.
+  * MNIST MLP, FG (the forward gradient, no column of the paper's table; issue 23's BP-free baseline): plain SGD
+    without clipping, as Baydin et al. 2022 train; constant lr 1e-3 chosen by a short sweep.
   The other DRTP cells (CNN rows) have no known source: they run in the shared setting.
 `--shared_setting` runs every cell in the shared setting. Flags after `--` go to every run and come
 last, so they override a cell's own setting too. A run's folder is `output_dir/<row>/<rule>/seed<seed>`
 (`<rule>_own` in its own setting); a run whose `run_info.json` exists is not run again, so an
-interrupted grid resumes. PEPITA has no convolutional version: it runs on MLP rows only.
+interrupted grid resumes. PEPITA (no convolutional version) and FG run on MLP rows only.
 
 Writes `output_dir/table1.md` (mean ± std over the seeds, the paper's number in brackets),
 `table1.json` (every run) and `table1.png` (bars: ours with std, the paper's beside them).
@@ -55,9 +57,12 @@ ROWS = {
     "cifar100_cnn": ("CIFAR-100 CNN", "cnn", "cifar100"),
     "cifar100_vgg16": ("CIFAR-100 VGG-16", "vgg16", "cifar100"),
 }
-RULE_ORDER = ("bp", "fa", "drtp", "dfa", "pepita", "grape")
-RULE_LABELS = {"bp": "BP", "fa": "FA", "drtp": "DRTP", "dfa": "DFA", "pepita": "PEPITA", "grape": "GrAPE"}
-MLP_ONLY = {"pepita"}  # no convolutional version
+RULE_ORDER = ("bp", "fa", "drtp", "dfa", "pepita", "grape", "fg")
+RULE_LABELS = {"bp": "BP", "fa": "FA", "drtp": "DRTP", "dfa": "DFA", "pepita": "PEPITA", "grape": "GrAPE",
+               "fg": "FG"}
+# PEPITA has no convolutional version; the forward gradient (Baydin et al. 2022; no column of the paper's table) is
+# the BP-free baseline of issue 23, run on the MLP row.
+MLP_ONLY = {"pepita", "fg"}
 
 # The GrAPE paper's Table 1, test accuracy in % (its section 4).
 PAPER = {
@@ -82,6 +87,12 @@ OWN_SETTINGS = {
         ("Frenkel et al. 2021's reference code (tanh hidden units, SGD Nesterov momentum 0.9, batch 100, constant "
          "lr; lr 0.05 chosen here) on the row's 3 x 1024 network"),
         ("--per_device_train_batch_size", "100", "--lr_decay_per_epoch", "1"),
+    ),
+    ("mnist_mlp", "fg"): (
+        ("Baydin et al. 2022's optimizer, plain SGD without clipping (the forward gradient g v has norm ~|g| sqrt(d): "
+         "clipping at 1 rescales every step), constant lr 1e-3 chosen here (3 epochs: 1e-3 32 %, 3e-3 and 1e-2 "
+         "diverge; the shared Adam setting: 13 %), the shared batch 256, on the row's 3 x 1024 network"),
+        ("--optim", "sgd", "--learning_rate", "1e-3", "--max_grad_norm", "0", "--lr_decay_per_epoch", "1"),
     ),
 }
 # The shared setting where the example would apply a published regime (the script's own defaults, explicitly).

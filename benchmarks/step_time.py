@@ -6,8 +6,11 @@
     python benchmarks/step_time.py --parallel_backward 2                 # ... run on 2 threads, in wall time
 
 Each step is `GrapeTrainer.training_step` (forward, the rule's work, the one backward) plus the
-optimizer step, i.e. what training costs. Variants: BP, DFA, GrAPE, GrAPE estimating every 4th step, and
-on the GPT-2 also DFA with identity feedback (examples/run_wikitext.py's DFA, no projection matmul). The
+optimizer step, i.e. what training costs; with `--trainer_loop`, each step of `GrapeTrainer.train()` itself
+(data loader, callbacks and all), timed by a callback from step begin to step end. Variants: BP, DFA,
+GrAPE, GrAPE estimating every 4th step, GrAPE estimating on every 4th and every 8th row
+(`grape_estimate_stride`), and on the GPT-2 also DFA with identity feedback (examples/run_wikitext.py's
+DFA, no projection matmul). The
 variants run in rounds of blocks of steps, so drift of the machine hits all alike; the table gives median
 and mean step time, the mean CPU time of the process per step, and peak memory, with ratios to BP, and
 each round's CPU ratio to BP's round (median and range: how much the machine swings; `--block 1 --warmup 0`
@@ -36,7 +39,7 @@ import time
 import weakref
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
 from grape_hf import GrapeTrainer, GrapeTrainingArguments
@@ -45,8 +48,13 @@ from grape_hf.direct.network import TAP
 VARIANTS = {  # name -> GrapeTrainingArguments overrides
     "bp": dict(rule="bp"),
     "dfa": dict(rule="dfa"),
-    "grape": dict(rule="grape"),
-    "grape/4": dict(rule="grape", grape_update_steps=4, grape_smoothing="ema"),
+    # The estimate in the training forward, on the whole batch (on a causal LM the library's table estimates on
+    # every 8th row: "grape rows/8").
+    "grape": dict(rule="grape", grape_estimate_stride=1),
+    "grape/4": dict(rule="grape", grape_update_steps=4, grape_smoothing="ema", grape_estimate_stride=1),
+    # The estimate on every 4th / 8th row, in a forward of its own without autograd, stopped at the error tap.
+    "grape rows/4": dict(rule="grape", grape_estimate_stride=4),
+    "grape rows/8": dict(rule="grape", grape_estimate_stride=8),
 }
 # Language models only (their error is read on the residual stream, as wide as the points): DFA as
 # examples/run_wikitext.py runs it, with the skip path's Jacobian, I, as feedback (no projection matmul).
@@ -101,11 +109,41 @@ def forward_memory(trainer, batch) -> int:
 def make_trainer(flags, overrides, output_dir):
     model, batch = build(flags)
     args = GrapeTrainingArguments(output_dir=output_dir, report_to="none", setting=flags.setting,
-                                  use_cpu=flags.device == "cpu", **overrides)
+                                  use_cpu=flags.device == "cpu", save_strategy="no", disable_tqdm=True,
+                                  per_device_train_batch_size=flags.batch, **overrides)
     trainer = GrapeTrainer(model=model, args=args)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by `train()`, read by `training_step`
     return trainer, trainer._prepare_inputs(batch)
+
+
+class StepClock(TrainerCallback):
+    """Wall and CPU seconds of every optimizer step of `Trainer.train()`, from `on_step_begin` to `on_step_end`."""
+
+    def __init__(self):
+        self.wall, self.cpu, self._start = [], [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter(), time.process_time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.wall.append(time.perf_counter() - self._start[0])
+        self.cpu.append(time.process_time() - self._start[1])
+
+
+def trained_steps(trainer, batch, steps: int) -> StepClock:
+    """`steps` optimizer steps of `trainer.train()` (the full Trainer loop: data loader, callbacks, the rule, the
+    optimizer) on the rows of `batch`, timed by a `StepClock`."""
+    rows = next(iter(batch.values())).shape[0]
+    trainer.train_dataset = [{key: value[i].cpu() for key, value in batch.items()} for i in range(rows)] * steps
+    trainer.args.max_steps = steps  # read by train(); the batch size was set at construction
+    clock = StepClock()
+    trainer.add_callback(clock)
+    try:
+        trainer.train()
+    finally:
+        trainer.remove_callback(clock)
+    return clock
 
 
 def step(trainer, batch):
@@ -129,6 +167,15 @@ def run(flags):
         # step pay for the previous variant's allocations, which no real run does.
         for _ in range(flags.rounds):
             for name, (trainer, batch) in trainers.items():
+                if flags.trainer_loop:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    clock = trained_steps(trainer, batch, flags.warmup + flags.block)
+                    if device.type == "cuda":
+                        memory[name] = max(memory.get(name, 0), torch.cuda.max_memory_allocated())
+                    times[name] += clock.wall[flags.warmup:]
+                    cpu[name] += clock.cpu[flags.warmup:]
+                    continue
                 for i in range(flags.warmup + flags.block):
                     if device.type == "cuda":
                         torch.cuda.synchronize()
@@ -266,6 +313,9 @@ def main():
     parser.add_argument("--block", type=int, default=4, help="measured steps per variant and round (a multiple of 4, "
                                                              "so grape/4 estimates on one step in four)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before each block")
+    parser.add_argument("--trainer_loop", action="store_true",
+                        help="time the steps of GrapeTrainer.train() (a callback from step begin to step end) instead "
+                             "of training_step plus the optimizer step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--critical_path", action="store_true",
                         help="time DFA's backward segment by segment instead of the training steps")

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-RULE_NAMES = ("bp", "dfa", "grape", "fa", "drtp", "pepita", "mezo")
+RULE_NAMES = ("bp", "dfa", "grape", "fa", "drtp", "pepita", "mezo", "fg")
 FEEDBACK_RULES = RULE_NAMES[1:]  # every rule but bp
-MATRIX_RULES = ("dfa", "grape", "fa", "drtp", "pepita")  # the rules with random feedback matrices (not mezo)
+MATRIX_RULES = ("dfa", "grape", "fa", "drtp", "pepita")  # the rules with random feedback matrices (not mezo, fg)
 DIRECT_RULES = ("dfa", "grape", "drtp")  # one error projected to feedback points (grape_hf.direct)
 SETTINGS = ("macro", "micro")
 FEEDBACK_INITS = ("normal", "uniform", "kaiming_uniform", "identity")
 ERROR_POINTS = ("head_input", "logits", "residual")
 ALIGNMENTS = ("frobenius", "columns")
 SMOOTHINGS = ("none", "cma", "ema")
+ESTIMATORS = ("outer", "residual")
 # What an unset field of grape_hf.recommended.RECOMMENDED_FIELDS becomes (end of its help text).
 RECOMMENDED = ("the value grape_hf.recommended's table measured best for the rule on this kind of model, chosen when "
                "the rule is installed (logged, and on trainer.feedback.settings).")
@@ -123,10 +124,10 @@ class GrapeTrainingArguments(TrainingArguments):
     """Arguments of `GrapeTrainer`: every `TrainingArguments` field, plus the rule's, grouped by owner.
 
     The fields of `grape_hf.recommended.RECOMMENDED_FIELDS` (feedback_init, block_lr_scale, grape_lr,
-    grape_smoothing, grape_track_scale) are None until the rule is installed on a model, which fills each unset
-    one from the table of what the benchmarks measured best for that rule on that kind of model; a value given
-    here always wins. The trainer's `args` and `trainer.feedback.args` hold the resolved values; this object
-    keeps what was given."""
+    grape_smoothing, grape_track_scale, grape_estimate_stride) are None until the rule is installed on a model,
+    which fills each unset one from the table of what the benchmarks measured best for that rule on that kind of
+    model; a value given here always wins. The trainer's `args` and `trainer.feedback.args` hold the resolved
+    values; this object keeps what was given."""
 
     # Every rule ------------------------------------------------------------------------------
     rule: str = rule_field(
@@ -135,7 +136,9 @@ class GrapeTrainingArguments(TrainingArguments):
         "aligned to forward-mode Jacobian estimates), and the paper's baselines for MLPs/CNNs: 'fa' (Feedback "
         "Alignment: random B in place of W^T, layer by layer), 'drtp' (DFA projecting the one-hot target instead of "
         "the error; classifiers) and 'pepita' (a second forward on the error-modulated input; MLPs only); 'mezo' "
-        "(zeroth-order SGD from two perturbed forwards, the fine-tuning baseline of Malladi et al. 2023).",
+        "(zeroth-order SGD from two perturbed forwards, the fine-tuning baseline of Malladi et al. 2023); 'fg' (the "
+        "weight-perturbed forward gradient of Baydin et al. 2022: the loss's directional derivative along a random "
+        "direction, from one forward-mode pass).",
         choices=list(RULE_NAMES))
     feedback_init: str | None = rule_field(
         None, MATRIX_RULES,
@@ -215,6 +218,20 @@ class GrapeTrainingArguments(TrainingArguments):
         "smoothed target along its new direction, so it follows the Jacobian's scale as well as its direction "
         "(off: B_k keeps its initial norm, as in the paper). On the LM of benchmarks/lm_fidelity.py, 0.01 nats lower "
         "at every checkpoint over two seeds (docs: results/learning). Unset: " + RECOMMENDED)
+    grape_estimator: str = rule_field(
+        "outer", ("grape",),
+        "How each Jacobian estimate is read from the forward tangent d = sum_j J_j u_j at the error: 'outer', "
+        "T_k = mean(u_k d^T) (the paper's Algorithm 1), or 'residual', T_k = B_k + mean(u_k (d - sum_j u_j B_j)^T), "
+        "the current feedback as a control variate: as unbiased, with noise from what the matrices still miss "
+        "instead of from every point's whole Jacobian.", choices=list(ESTIMATORS))
+    grape_estimate_stride: int | None = rule_field(
+        None, ("grape",),
+        "Estimate the Jacobians on every N-th row (sequence, image) of each batch: rows 0, N, 2N, ... 1: the training "
+        "forward itself carries the tangents (about one extra forward). N > 1: a forward of those rows of its own, "
+        "without autograd and stopped at the error tap, carries them (random state forked, buffers kept) and the "
+        "training forward runs plain: cheaper (docs: results/speed), an estimate from fewer tokens. With a per-process "
+        "batch divisible by N, several processes still train as one process of their whole batch. Unset: "
+        + RECOMMENDED)
     grape_update_steps: int = rule_field(
         1, ("grape",),
         "Estimate the Jacobians every N-th optimizer step (the update in between uses the smoothed estimate; needs "
@@ -267,13 +284,14 @@ class GrapeTrainingArguments(TrainingArguments):
         if self.error_point is not None:
             check_choice("error_point", self.error_point, ERROR_POINTS)
         check_choice("grape_alignment", self.grape_alignment, ALIGNMENTS)
+        check_choice("grape_estimator", self.grape_estimator, ESTIMATORS)
         if self.grape_smoothing is not None:
             check_choice("grape_smoothing", self.grape_smoothing, SMOOTHINGS)
         self._check_types_and_ranges()
         if self.feedback_seed is None:
             self.feedback_seed = self.seed
-        # MeZO's forwards run without autograd: nothing is recomputed, so checkpointing is harmless there
-        if self.rule not in ("bp", "mezo") and (self.activation_checkpointing or self.gradient_checkpointing):
+        # MeZO's and fg's forwards run without autograd: nothing is recomputed, so checkpointing is harmless there
+        if self.rule not in ("bp", "mezo", "fg") and (self.activation_checkpointing or self.gradient_checkpointing):
             raise ValueError(
                 f"activation (gradient) checkpointing does not work with rule={self.rule!r}: recomputing a block "
                 "runs its feedback hooks twice. Turn activation_checkpointing off."
@@ -286,6 +304,9 @@ class GrapeTrainingArguments(TrainingArguments):
             self.grape_lr = check_number("grape_lr", self.grape_lr, lambda v: v > 0, "> 0 (the paper uses 1e-3)")
         self.grape_ema_decay = check_number("grape_ema_decay", self.grape_ema_decay, lambda v: 0 < v < 1,
                                             "in (0, 1)")
+        if self.grape_estimate_stride is not None:
+            self.grape_estimate_stride = check_number("grape_estimate_stride", self.grape_estimate_stride,
+                                                      lambda v: v >= 1, ">= 1 (1: the whole batch)", integer=True)
         self.grape_update_steps = check_number("grape_update_steps", self.grape_update_steps, lambda v: v >= 1,
                                                ">= 1", integer=True)
         if self.grape_update_steps > 1 and self.grape_smoothing == "none":  # unset: checked once resolved

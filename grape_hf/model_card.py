@@ -40,6 +40,7 @@ RULE_TITLES = {
     "drtp": "Direct Random Target Projection (DRTP, Frenkel et al. 2021)",
     "pepita": "PEPITA (Dellaferrera & Kreiman 2022)",
     "mezo": "MeZO (zeroth-order SGD from two perturbed forwards, Malladi et al. 2023)",
+    "fg": "forward gradient (weight-perturbed, from one forward-mode pass, Baydin et al. 2022)",
 }
 ALIGNMENT_PREFIXES = ("alignment", "true_alignment")
 MASK = "***"  # what a card shows in place of a secret (a card may be public: `push_to_hub` uploads it)

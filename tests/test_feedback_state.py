@@ -131,8 +131,8 @@ def test_grape_skips_an_update_from_a_nonfinite_estimate(tmp_path, caplog, bad):
     estimator = trainer.feedback.estimator
     clean, calls = estimator.targets, []
 
-    def poisoned(estimate):
-        estimates = clean(estimate)
+    def poisoned(estimate, baselines=None):
+        estimates = clean(estimate, baselines)
         calls.append(1)
         if len(calls) == 2:
             target = estimates["layers.1"].clone()

@@ -31,7 +31,7 @@ from grape_hf.fsdp import fsdp_refusal
 from grape_hf.rules import RULES
 
 PROCESSES, BATCH, STEPS, LR = 2, 2, 3, 0.1
-GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema"}
+GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema", "grape_estimate_stride": 1}
 CASES = {  # name: (model, wrapped block classes, rule arguments, micro-batches per step)
     "dfa_micro": ("gpt2", None, {"rule": "dfa", "setting": "micro"}, 1),
     "dfa_macro": ("gpt2", None, {"rule": "dfa", "setting": "macro"}, 1),
@@ -39,6 +39,9 @@ CASES = {  # name: (model, wrapped block classes, rule arguments, micro-batches 
     # gradient accumulation: no reduce-scatter on the first micro-batch (set_requires_gradient_sync, as accelerate)
     "grape_accumulated": ("gpt2", None, {**GRAPE, "setting": "micro"}, 2),
     "grape_llama": ("llama", None, {**GRAPE, "setting": "macro"}, 1),
+    # the estimate on every 2nd row, in a forward of its own stopped at the tap, through the sharded model
+    "grape_rows": ("gpt2", None, {**GRAPE, "setting": "micro", "grape_estimate_stride": 2,
+                                  "grape_estimator": "residual"}, 1),
     # accelerate's default policy also wraps ViTEmbeddings and then fails on its patch embeddings inside: name
     # the layers (fsdp_transformer_layer_cls_to_wrap: ViTLayer), as a ViT user of accelerate must.
     "drtp_vit": ("vit", ["ViTLayer"], {"rule": "drtp", "setting": "macro"}, 1),

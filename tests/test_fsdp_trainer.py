@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, image_batch, tiny_gpt2, tiny_llama, tiny_vit
 
 PROCESSES, STEPS, SAVE_STEPS = 2, 4, 2
-GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema"}
+GRAPE = {"rule": "grape", "grape_lr": 0.1, "grape_smoothing": "ema", "grape_estimate_stride": 1}
 SHARDED = "SHARDED_STATE_DICT"
 CASES = {  # name: (model, rule arguments, per-device batch, gradient accumulation, fsdp_config beyond version 2):
     # global batch 4 in each

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments
 from grape_hf import GrapeTrainer, GrapeTrainingArguments, audit_locality
 from grape_hf.direct.placement import EMBEDDINGS
 from grape_hf.rules import RULES
-from grape_hf.direct.estimate import cosine, estimating_forward, jacobian_estimate
+from grape_hf.direct.estimate import cosine, estimating_forward, jacobian_estimate, residual_estimates
 from grape_hf.rules.grape import align_step
 
 # GPT-2 (Conv1D addmm, NewGELU, LayerNorm), Llama (grouped-query attention, SiLU, RMSNorm), ViT (exact GELU):
@@ -105,6 +105,71 @@ def test_estimate_is_unbiased(tmp_path):
         truth = torch.stack([jac[0, n, :, 0, n, :] for n in range(ids.shape[1])]).mean(0).T
         cos = torch.nn.functional.cosine_similarity(sums[point].flatten(), truth.flatten(), dim=0)
         assert cos > 0.95, (point, float(cos))
+
+
+def test_residual_estimate_is_unbiased_and_shrinks_with_alignment(tmp_path):
+    """`grape_estimator='residual'`: averaged over draws it approaches J_k^T whatever the matrices (here random:
+    unbiased), and with matrices equal to J_k^T one draw lands far nearer than the plain estimate (its noise comes
+    from J_j - B_j^T, not from every point's whole J_j)."""
+    model = tiny_gpt2(n_layer=2)
+    plain = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(3))
+    batch, single = {"input_ids": ids.repeat(256, 1)}, {"input_ids": ids}
+    network = RULES["grape"](model, grape_args(tmp_path, setting="macro"))
+    u, d, h = estimate_once(model, network, batch)
+    truth = {}
+    for point in network.point_names:
+        jac = torch.autograd.functional.jacobian(tap_as_function(plain, network, point, single), h[point][:1].detach())
+        truth[point] = torch.stack([jac[0, n, :, 0, n, :] for n in range(ids.shape[1])]).mean(0).T
+    g = torch.Generator().manual_seed(1)
+    random = {p: torch.randn(t.shape, generator=g) * t.norm() / t.numel() ** 0.5 for p, t in truth.items()}
+    no_positions = dict.fromkeys(truth)
+    aligned = residual_estimates(u, d, no_positions, truth)
+    for point in network.point_names:
+        error = lambda t: float((t - truth[point]).norm() / truth[point].norm())  # noqa: E731
+        assert error(aligned[point]) < 0.3 * error(jacobian_estimate(u[point], d)), point
+    sums = {}
+    for draw in range(20):
+        u, d, _ = estimate_once(model, network, batch, seed=draw)
+        for point, t in residual_estimates(u, d, no_positions, random).items():
+            sums[point] = sums.get(point, 0) + t
+    for point in network.point_names:
+        assert torch.nn.functional.cosine_similarity(sums[point].flatten(), truth[point].flatten(), dim=0) > 0.95
+
+
+def test_residual_estimator_reaches_the_update(tmp_path):
+    """The option is not ignored: from the same seed, the second estimate (the first has no guess yet: no target)
+    differs from the plain one by the control variate."""
+    targets = {}
+    for estimator in ("outer", "residual"):
+        torch.manual_seed(0)
+        args = grape_args(tmp_path / estimator, grape_estimator=estimator, grape_smoothing="none", max_steps=2,
+                          per_device_train_batch_size=4, learning_rate=0.0, use_cpu=True)
+        trainer = GrapeTrainer(model=tiny_gpt2(), args=args, train_dataset=lm_dataset())
+        trainer.train()
+        targets[estimator] = dict(trainer.feedback.targets)
+    for point, outer in targets["outer"].items():
+        assert not torch.allclose(outer, targets["residual"][point]), point
+
+
+def test_estimate_stride_estimates_on_every_nth_row_apart(tmp_path):
+    """`grape_estimate_stride=2` on 8 rows: the estimate is the one the training forward of rows 0, 2, 4, 6 alone
+    would carry (same perturbations), and the training forward is the plain one, without tangents."""
+    batch = token_batch(batch=8)
+    plain_loss = tiny_gpt2()(**batch).loss
+    targets = {}
+    for name, stride, inputs in (("part", 2, batch), ("whole", 1, {k: v[::2] for k, v in batch.items()})):
+        model = tiny_gpt2()
+        rule = RULES["grape"](model, grape_args(tmp_path / name, grape_estimate_stride=stride,
+                                                grape_smoothing="none"))
+        loss, _ = rule.training_forward(lambda b: (model(**b).loss, None), inputs, 0, True)
+        targets[name] = dict(rule.targets)
+        if name == "part":
+            assert torch.equal(loss, plain_loss)
+            assert torch.autograd.forward_ad.unpack_dual(loss).tangent is None
+    assert rule.estimator.estimates_seen == 1 and set(targets["part"]) == set(rule.point_names)
+    for point, target in targets["part"].items():
+        torch.testing.assert_close(target, targets["whole"][point], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("alignment", ["frobenius", "columns"])

@@ -25,6 +25,14 @@ from .network import Estimate, FeedbackNetwork
 EPS = 1e-12
 
 
+def flat_perturbation(u: torch.Tensor, rows: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """A point's perturbation as (rows, features) float32 rows matching the tap's tangent rows; for a point that
+    `broadcasts` (u: (*lead, positions, features)), first summed over its `real_positions` (*lead, positions)."""
+    if positions is not None:
+        u = (u.float() * positions.to(u.device).unsqueeze(-1)).sum(-2)
+    return u.reshape(rows, -1).float()
+
+
 def jacobian_estimate(u: torch.Tensor, d: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """`T = mean over batch dims of outer(u, d)`, an estimate of `J^T`.
 
@@ -37,10 +45,39 @@ def jacobian_estimate(u: torch.Tensor, d: torch.Tensor, positions: torch.Tensor 
         (prod(point_features), error_features), or (features, error_features) with `positions`; float32.
     """
     d_flat = d.reshape(-1, d.shape[-1]).float()
-    if positions is not None:
-        u = (u.float() * positions.to(u.device).unsqueeze(-1)).sum(-2)
-    u_flat = u.reshape(d_flat.shape[0], -1).float()
-    return u_flat.T @ d_flat / d_flat.shape[0]
+    return flat_perturbation(u, d_flat.shape[0], positions).T @ d_flat / d_flat.shape[0]
+
+
+def residual_estimates(perturbations: dict[str, torch.Tensor], d: torch.Tensor,
+                       positions: dict[str, torch.Tensor | None],
+                       baselines: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`T_k = C_k + mean over batch dims of outer(u_k, d - sum_j u_j C_j)`: `jacobian_estimate` with a guess `C_j`
+    of each `J_j^T` as a control variate.
+
+    `u_j C_j` is what the guess predicts of point j's share `J_j u_j` of the tangent. Subtracting it keeps the
+    estimate unbiased whatever the guesses, as long as they do not depend on this draw (for j != k, u_j is
+    independent of u_k, whose mean is zero; for j = k, E[u u^T] = I turns `- u_k C_k` into the `- C_k` that the
+    added `C_k` cancels), and its noise now comes from `J_j - C_j^T`, what the guesses miss, instead of from the
+    whole `J_j`: the plain estimate's noise grows with the number of points (every point's perturbation reaches
+    every other point's estimate), this one shrinks as the guesses improve.
+
+    Args:
+        perturbations: point -> u_k (*lead, *point_features) (positions before the features for a point that
+            broadcasts).
+        d: (*lead, error_features), the tangent at the tap.
+        positions: point -> its `real_positions` or None (see `jacobian_estimate`).
+        baselines: point -> C_k (point_features, error_features); a point without one has the guess 0.
+    Returns:
+        point -> T_k (point_features, error_features), float32.
+    """
+    residual = d.reshape(-1, d.shape[-1]).float()
+    rows = residual.shape[0]
+    flat = {name: flat_perturbation(u, rows, positions.get(name)) for name, u in perturbations.items()}
+    guesses = {name: baselines[name].to(residual.device, torch.float32) for name in flat if name in baselines}
+    for name, guess in guesses.items():
+        residual = residual - flat[name] @ guess
+    estimates = {name: u.T @ residual / rows for name, u in flat.items()}
+    return {name: estimate + guesses[name] if name in guesses else estimate for name, estimate in estimates.items()}
 
 
 def cosine(matrix: torch.Tensor, target: torch.Tensor, alignment: str) -> torch.Tensor:
@@ -65,10 +102,11 @@ def _failing_module(error: BaseException, model) -> str:
 
 
 @contextlib.contextmanager
-def estimating_forward(network: FeedbackNetwork, model, draw):
+def estimating_forward(network: FeedbackNetwork, model, draw, stop_at_tap: bool = False):
     """Run the forward inside with dual tensors: each point adds `draw(name, h_k)` to its tangent;
-    yields the network's `Estimate` (perturbations, and the tangent at the tap after the forward)."""
-    with fwAD.dual_level(), estimating_kernels(model), network.estimating(draw) as estimate:
+    yields the network's `Estimate` (perturbations, and the tangent at the tap after the forward; with
+    `stop_at_tap` the forward ends there, raising `network.TapReached`)."""
+    with fwAD.dual_level(), estimating_kernels(model), network.estimating(draw, stop_at_tap) as estimate:
         try:
             yield estimate
         except (RuntimeError, NotImplementedError) as error:
@@ -106,11 +144,11 @@ class JacobianEstimator:
         self._shard = (0, 1)  # (this process, processes)
 
     @contextlib.contextmanager
-    def estimating(self, model):
+    def estimating(self, model, stop_at_tap: bool = False):
         """The estimating forward of `model` (see `estimating_forward`), perturbed by this estimator;
         yields the `Estimate`, to pass to `targets` afterwards."""
         self._prepare(model.device)
-        with estimating_forward(self.network, model, self.draw) as estimate:
+        with estimating_forward(self.network, model, self.draw, stop_at_tap) as estimate:
             yield estimate
 
     def draw(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -122,14 +160,18 @@ class JacobianEstimator:
             return u
         return u[rank * like.shape[0]:(rank + 1) * like.shape[0]].clone()  # a copy frees the rest of the draw
 
-    def targets(self, estimate: Estimate) -> dict[str, torch.Tensor]:
-        """`T_k` (point_features, error_features) per point of `estimate`, averaged across processes."""
+    def targets(self, estimate: Estimate, baselines: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`T_k` (point_features, error_features) per point of `estimate`, averaged across processes:
+        `jacobian_estimate`, or with `baselines` (point -> a guess of J_k^T) `residual_estimates`."""
         if estimate.tangent is None:
             raise RuntimeError(f"The forward pass never reached the error tap at {self.network.placement.tap_name}.")
         self.estimates_seen += 1
-        return {name: reduce(jacobian_estimate(u, estimate.tangent, estimate.positions.get(name)),
-                             reduction="mean")  # same on all processes
-                for name, u in estimate.perturbations.items()}
+        if baselines is not None:
+            local = residual_estimates(estimate.perturbations, estimate.tangent, estimate.positions, baselines)
+        else:
+            local = {name: jacobian_estimate(u, estimate.tangent, estimate.positions.get(name))
+                     for name, u in estimate.perturbations.items()}
+        return {name: reduce(t, reduction="mean") for name, t in local.items()}  # same on all processes
 
     def _prepare(self, device: torch.device) -> None:
         """The generator on `device` (seeded, or in a checkpoint's state) and this process's slice."""

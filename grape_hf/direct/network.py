@@ -79,6 +79,12 @@ class Estimate:
     perturbations: dict[str, torch.Tensor] = field(default_factory=dict)
     tangent: torch.Tensor | None = None
     positions: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    stop_at_tap: bool = False  # raise `TapReached` once the tangent is kept (a forward that trains nothing)
+
+
+class TapReached(Exception):
+    """Raised by the tap of an estimating forward with `stop_at_tap`: the tangent is kept, and the head and the
+    loss after it would only cost time (GrAPE's estimate on part of the batch catches it)."""
 
 
 _BYPASS = "bypass"
@@ -244,10 +250,10 @@ class FeedbackNetwork:
         """Inside, points and the tap only record (yields the `Observation`); nothing is cut."""
         return self._entered(Observation(self))
 
-    def estimating(self, draw):
+    def estimating(self, draw, stop_at_tap: bool = False):
         """Inside (and inside `forward_ad.dual_level()`), points add `draw(name, h_k)` to the tangent;
-        yields the `Estimate`."""
-        return self._entered(Estimate(draw))
+        yields the `Estimate` (with `stop_at_tap`, the tap raises `TapReached` once it kept the tangent)."""
+        return self._entered(Estimate(draw, stop_at_tap=stop_at_tap))
 
     @contextlib.contextmanager
     def isolating(self, source: str):
@@ -271,7 +277,8 @@ class FeedbackNetwork:
 
     # Hooks -----------------------------------------------------------------------------------
     def _active(self) -> bool:
-        return torch.is_grad_enabled() and self._mode != _BYPASS
+        # An estimating forward may run without autograd (GrAPE's `grape_estimate_stride`): only its tangents count.
+        return (torch.is_grad_enabled() or isinstance(self._mode, Estimate)) and self._mode != _BYPASS
 
     def _start_forward(self, module, args, kwargs):
         self._recorded.clear()  # a forward that stopped early must not leak tensors into the next
@@ -294,7 +301,7 @@ class FeedbackNetwork:
             self._recorded[name] = primal
             if self.sharded is not None:
                 self.sharded.recorded(name, primal)
-        elif not isinstance(mode, Observation):
+        elif torch.is_grad_enabled() and not isinstance(mode, Observation):
             # Its feedback would reach nothing: a matrix, an estimate and a matmul for no parameter, and the point
             # would have no matrix to save. `trainable_points` drops such points at install; one that gets here
             # was placed on a frozen segment by hand, or its parameters were frozen after the rule was installed.
@@ -364,6 +371,8 @@ class FeedbackNetwork:
             # Detached: the tangent's own autograd history (its ops involve the parameters) is not needed.
             mode.tangent = torch.zeros_like(z) if tangent is None else tangent.detach()
             mode.positions = {name: self.positions(u.shape, z) for name, u in mode.perturbations.items()}
+            if mode.stop_at_tap:
+                raise TapReached
         if not self._recorded:
             return z
         names = tuple(self._recorded)

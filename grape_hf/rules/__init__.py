@@ -5,7 +5,9 @@ returns it (a `grape_hf.rule.Rule`); 'bp' installs nothing (None): the stock Tra
 - `grape.py`: GrAPE, DFA whose matrices follow forward-mode Jacobian estimates;
 - `drtp.py`: DRTP, DFA projecting the one-hot target;
 - `fa.py`, `pepita.py`: the layer-by-layer baselines for MLPs and CNNs;
-- `mezo.py`: MeZO, zeroth-order SGD from two perturbed forwards (the fine-tuning baseline).
+- `mezo.py`: MeZO, zeroth-order SGD from two perturbed forwards (the fine-tuning baseline);
+- `fg.py`: the forward gradient (Baydin et al. 2022), g v from one forward-mode pass along a random v;
+- `random_direction.py`: what MeZO and the forward gradient share (the seeded direction, the projected gradient).
 """
 
 from ..arguments import RULE_NAMES
@@ -14,12 +16,14 @@ from .bp import no_rule
 from .drtp import DRTP
 from .dfa import DFA
 from .fa import FA
+from .fg import ForwardGradient
 from .grape import GrAPE
 from .mezo import MeZO
 from .pepita import PEPITA
 
 
-RULES = {"bp": no_rule, "dfa": DFA, "grape": GrAPE, "fa": FA, "drtp": DRTP, "pepita": PEPITA, "mezo": MeZO}
+RULES = {"bp": no_rule, "dfa": DFA, "grape": GrAPE, "fa": FA, "drtp": DRTP, "pepita": PEPITA, "mezo": MeZO,
+         "fg": ForwardGradient}
 assert tuple(RULES) == RULE_NAMES, "grape_hf.arguments.RULE_NAMES must list the rules of RULES"
 
 

@@ -2,7 +2,10 @@
 
 Estimate (Algorithm 1 of the paper, rank-1 form of the revision): in the training forward itself,
 `grape_hf.direct.estimate` perturbs every point's forward tangent and reads `T_k`, an unbiased
-estimate of `J_k^T`, without any backward pass.
+estimate of `J_k^T`, without any backward pass. `grape_estimator='residual'` reads it with the current
+matrices as a control variate (as unbiased, less noisy as they align); `grape_estimate_stride` N > 1 moves
+it to a forward of its own, without autograd and stopped at the error tap, on every N-th row of the batch
+(cheaper than tangents on the whole training forward).
 
 Update, between that forward and the backward, so the backward projects through the refined
 matrices: one SGD step on `1 - cos(B_k, T_k)`, then renormalisation. The step is taken on the
@@ -22,7 +25,9 @@ import logging
 import torch
 
 from ..direct.estimate import EPS, estimating_forward
+from ..diagnostics.probe import leaving_no_trace
 from ..direct.matrices import nonfinite_problem
+from ..direct.network import TapReached
 from .dfa import ALIGNER, DFA
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,19 @@ def align_step(matrix: torch.Tensor, target: torch.Tensor, lr: float, alignment:
     return stepped * norm
 
 
+def estimate_batch(inputs: dict, stride: int) -> dict | None:
+    """Rows 0, stride, 2 stride, ... of the batch `inputs` (key -> tensor or other; every tensor whose first
+    dimension is the batch's is cut, the rest kept), which carry the estimate in a forward of their own
+    (`grape_estimate_stride`); None where the training forward carries it: at stride 1, or where the batch has one
+    row. Strided, not the first rows: processes holding consecutive slices of a global batch divisible by the
+    stride pick together the rows one process of the whole batch picks."""
+    rows = next((value.shape[0] for value in inputs.values() if isinstance(value, torch.Tensor) and value.dim()), 0)
+    if stride == 1 or rows <= 1:  # also a batch without tensors, which the training forward estimates on as ever
+        return None
+    return {key: value[::stride] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows
+            else value for key, value in inputs.items()}
+
+
 class GrAPE(DFA):
     """DFA plus the alignment of every `B_k` to its smoothed Jacobian estimate.
 
@@ -70,6 +88,8 @@ class GrAPE(DFA):
         self.smoothing = args.grape_smoothing
         self.decay = args.grape_ema_decay
         self.track_scale = args.grape_track_scale
+        self.residual = args.grape_estimator == "residual"
+        self.stride = args.grape_estimate_stride
         self.targets: dict[str, torch.Tensor] = {}
         self.skipped_updates = 0  # updates skipped as non-finite since the last log line (`pop_logs`)
         self._before_update = None  # (matrices, targets, estimates_seen) before this step's update: `end_step`
@@ -89,14 +109,41 @@ class GrAPE(DFA):
         if not first_micro_batch:
             return forward(inputs)
         estimating = step % self.estimate_steps == 0
-        with self.estimator.estimating(self.model) if estimating else contextlib.nullcontext() as estimate:
+        part = estimate_batch(inputs, self.stride) if estimating else None
+        if part is not None:  # the estimate on every stride-th row, in a forward of its own: no graph, no trace left
+            with leaving_no_trace(self.model), torch.no_grad(), \
+                    self.estimator.estimating(self.model, stop_at_tap=True) as estimate:
+                try:
+                    forward(part)
+                except TapReached:  # the head and the loss would only cost time: the tangent is kept
+                    pass
             result = forward(inputs)
+        else:
+            with self.estimator.estimating(self.model) if estimating else contextlib.nullcontext() as estimate:
+                result = forward(inputs)
         # Every update replaces tensors, never writes into them: keeping references is a full snapshot.
         self._before_update = (dict(self.matrices.tensors), dict(self.targets), self.estimator.estimates_seen)
-        estimates = self.estimator.targets(estimate) if estimating else {}
+        estimates = {}
+        if estimating:
+            estimates = self.estimator.targets(estimate, self.baselines() if self.residual else None)
         if self.update(estimates) and estimates:
             self.log_alignment(estimates)
         return result
+
+    def baselines(self) -> dict[str, torch.Tensor]:
+        """The residual estimator's guesses of `J_k^T` (`grape_estimator='residual'`), from before this step's
+        estimate: each `B_k` (each column, with 'columns') scaled to its smoothed target's length along it, never
+        below 0 (with `grape_track_scale` that is B_k itself; a fixed-norm B_k's own norm would be a guess of the
+        wrong size, whose misfit adds noise). No guess (0) for a point without a target yet (the first estimate)."""
+        dim = None if self.alignment == "frobenius" else 0
+        keep = dim is not None
+        guesses = {}
+        for name, target in self.targets.items():
+            matrix = self.matrices.tensors[name]
+            target = target.to(matrix.device)
+            along = (matrix * target).sum(dim=dim, keepdim=keep)
+            guesses[name] = matrix * (along / matrix.pow(2).sum(dim=dim, keepdim=keep).clamp_min(EPS)).clamp_min(0)
+        return guesses
 
     def update(self, estimates: dict[str, torch.Tensor]) -> bool:
         """Smooth `estimates` (point -> (point_features, error_features)) into `targets` and take one
