@@ -139,13 +139,13 @@ CORRECTION = {}
 _targets = JacobianEstimator.targets
 
 
-def targets(self, estimate, matrices=None):
+def targets(self, estimate, baselines=None):
     if ORACLE["correction"]:
         d = estimate.tangent.float()
         residual = d - sum(u.float() @ self.network.matrices.tensors[name].to(d.device)
                            for name, u in estimate.perturbations.items())
         CORRECTION.update(residual=residual, perturbations=dict(estimate.perturbations))
-    return _targets(self, estimate, matrices)
+    return _targets(self, estimate, baselines)
 
 
 JacobianEstimator.targets = targets
@@ -162,6 +162,7 @@ def project(self, name, error, point_shape, dtype, positions=None):
 
 
 FeedbackMatrices.project = project
+
 
 def depth_figure(out: str, folders: list[str]) -> None:
     """The depth study's figure: eval loss and true alignment per depth (one column each) of every run whose
