@@ -175,6 +175,6 @@ def test_refuses_what_has_no_meaning_for_it(tmp_path, caplog):
         make_trainer(tmp_path, tiny_gpt2(), alignment_probe_steps=1)
     with pytest.raises(ValueError, match="block_lr_scale=0.5 but rule 'fg' has no blocks"):
         make_trainer(tmp_path, tiny_gpt2(), block_lr_scale=0.5).train()
-    with caplog.at_level("WARNING", logger="grape_hf.rules.fg"):
+    with caplog.at_level("WARNING", logger="grape_hf.rules.random_direction"):
         make_trainer(tmp_path, tiny_gpt2(), max_grad_norm=1.0)
     assert "clipping rescales nearly every step" in caplog.text

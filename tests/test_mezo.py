@@ -218,11 +218,11 @@ def test_refuses_what_has_no_meaning_for_it(tmp_path):
 
 def test_clipping_is_warned_about(tmp_path, caplog):
     """The Trainer's default max_grad_norm=1.0 would rescale nearly every MeZO step (|g z| ~ |g| sqrt(d))."""
-    with caplog.at_level("WARNING", logger="grape_hf.rules.mezo"):
+    with caplog.at_level("WARNING", logger="grape_hf.rules.random_direction"):
         make_trainer(tmp_path, tiny_gpt2(), max_grad_norm=1.0)
     assert "clipping rescales nearly every step" in caplog.text and "set max_grad_norm=0" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="grape_hf.rules.mezo"):
+    with caplog.at_level("WARNING", logger="grape_hf.rules.random_direction"):
         make_trainer(tmp_path, tiny_gpt2())
     assert "max_grad_norm" not in caplog.text
 

@@ -24,8 +24,8 @@ import logging
 
 import torch
 
-from ..direct.estimate import EPS, estimating_forward
 from ..diagnostics.probe import leaving_no_trace
+from ..direct.estimate import EPS, estimating_forward
 from ..direct.matrices import nonfinite_problem
 from ..direct.network import TapReached
 from .dfa import ALIGNER, DFA
